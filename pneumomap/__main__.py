@@ -1,0 +1,5 @@
+import sys
+
+from pneumomap.cli import main
+
+sys.exit(main())
