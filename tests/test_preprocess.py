@@ -1,0 +1,77 @@
+"""Preprocess: normalisation, resizing (anti-aliased, dtype-keeping) and the inverse to original size."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumomap.stages.preprocess import normalize, resize, to_model_input, to_original
+from pneumomap.stages.reader import read_image
+
+SIIM = Path(__file__).parent / "data" / "real" / "dicom" / "siim_cxr_jpeg_baseline.dcm"
+
+
+def test_normalize_maps_robust_range_to_minus_one_one():
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 4095, size=(200, 200)).astype(np.float32)
+    pixels[0, :5] = 1e6  # outliers must not squash the range
+    out = normalize(pixels)
+    assert out.dtype == np.float32 and out.min() == -1.0 and out.max() == 1.0
+    low, high = np.percentile(pixels, [0.5, 99.5])
+    inside = (pixels > low) & (pixels < high)
+    assert np.allclose(out[inside], (pixels[inside] - low) / (high - low) * 2 - 1, atol=1e-5)
+
+
+def test_normalize_flat_image_is_zero():
+    assert np.array_equal(normalize(np.full((8, 8), 7.0)), np.zeros((8, 8), np.float32))
+
+
+def test_normalize_is_invariant_to_units():
+    pixels = np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)
+    assert np.allclose(normalize(pixels), normalize(pixels * 16 + 1000), atol=1e-5)
+
+
+def test_resize_shapes_and_dtypes():
+    image = np.random.default_rng(2).uniform(size=(300, 200))
+    assert resize(image, (512, 320)).shape == (512, 320)
+    assert resize(image, (64, 32)).dtype == np.float32
+    mask = image > 0.5
+    small = resize(mask, (150, 100))
+    assert small.dtype == bool and set(np.unique(small)) <= {False, True}
+    as_uint8 = resize((image * 255).astype(np.uint8), (600, 400))
+    assert as_uint8.dtype == np.uint8
+
+
+def test_downscaling_is_anti_aliased():
+    checker = (np.indices((256, 256)).sum(axis=0) % 2).astype(np.float32)
+    small = resize(checker, (128, 128))
+    assert np.allclose(small, 0.5, atol=1e-5)
+
+
+def test_upscaling_keeps_values_in_range_and_round_trips():
+    rows, cols = np.mgrid[0:64, 0:64] / 64.0
+    prob = (0.5 + 0.4 * np.sin(2 * np.pi * rows) * np.cos(2 * np.pi * cols)).astype(np.float32)
+    big = to_original(prob, 256, 192)
+    assert big.shape == (256, 192) and big.min() >= prob.min() and big.max() <= prob.max()
+    back = resize(big, (64, 64))
+    assert np.abs(back - prob).mean() < 0.01
+
+
+def test_same_size_is_identity():
+    image = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(resize(image, (3, 4)), image)
+
+
+def test_to_model_input_on_real_radiograph():
+    radiograph = read_image(SIIM)
+    model_input = to_model_input(radiograph.pixels, (512, 512))
+    assert model_input.shape == (512, 512) and model_input.dtype == np.float32
+    assert model_input.min() == -1.0 and model_input.max() == 1.0
+    lung, spine = model_input[150:325, 90:200].mean(), model_input[125:375, 240:272].mean()
+    assert spine > lung
+
+
+@pytest.mark.parametrize("size", [(512, 512), (512, 320)])
+def test_to_model_input_arbitrary_size(size):
+    assert to_model_input(np.random.default_rng(4).uniform(size=(700, 450)), size).shape == size
