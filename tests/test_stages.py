@@ -137,6 +137,15 @@ def test_flip_tta_undoes_the_flip():
     assert torch.allclose(cam, torch.flip(GradCAM(clf).predict(flipped), dims=(-1,)), atol=1e-5)
 
 
+def test_overrides_and_channels_last():
+    clf = create_stage("classifier", tiny_config("classifier"), flip_tta=True).eval()
+    assert clf.config.flip_tta and clf.config.backbones == ("test_efficientnet",)
+    x = batch(clf)
+    expected = clf.predict(x)
+    clf = clf.to(memory_format=torch.channels_last)
+    assert torch.allclose(clf.predict(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+
+
 def test_ensemble_is_the_mean_of_member_probabilities():
     ens = tiny("classifier", backbones=["test_efficientnet", "test_convnext"])
     x = batch(ens)
@@ -181,6 +190,9 @@ def test_load_stage_accepts_a_training_run_folder(tmp_path):
     clf = tiny("classifier")
     clf.save(tmp_path / "run" / "best")
     assert isinstance(load_stage(tmp_path / "run"), type(clf))
+    assert type(clf).load(tmp_path / "run" / "best").config == clf.config
+    with pytest.raises(TypeError, match="holds a 'classifier' stage"):
+        Mapper.load(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no stage checkpoint"):
         load_stage(tmp_path / "nothing")
 
@@ -261,6 +273,17 @@ def test_local_timm_weights_are_loaded_and_adapted_to_one_channel(timm_weights):
     for key, value in clf.encoder.state_dict().items():
         if key != "conv_stem.weight":
             assert torch.equal(value, full[key]), key
+
+
+def test_checkpoint_of_a_pretrained_stage_needs_no_weights_file(tmp_path, timm_weights):
+    path, _ = timm_weights
+    clf = tiny("classifier", pretrained=[str(path)])
+    clf.save(tmp_path / "ckpt")
+    path.unlink()  # the checkpoint alone must suffice
+    loaded = load_stage(tmp_path / "ckpt")
+    assert loaded.config == clf.config
+    x = batch(clf)
+    assert torch.equal(loaded.predict(x), clf.predict(x))
 
 
 def test_local_smp_and_stage_weights(tmp_path, timm_weights):

@@ -6,13 +6,19 @@ Build a stage from its kind and config, save it, load it back::
     clf = create_stage("classifier", {"backbones": ["convnext_tiny"]})
     clf.save("ckpt/classifier"); clf = load_stage("ckpt/classifier")
 
-The stage modules import torch, timm and smp; the reader and geometry modules do not,
-and importing this package does not import the stage modules until a stage is asked for.
+The names below are imported lazily: ``import pneumomap.stages.reader`` (e.g. in image-decoding
+worker processes) does not pull in torch, timm or smp.
 """
 from __future__ import annotations
 
-from pneumomap.stages.base import (ConfigError, Stage, StageConfig, create_stage, list_stages, load_stage,
-                                   register_stage, stage_class, tiny_config)
+import importlib
+from typing import Any
 
 __all__ = ["ConfigError", "Stage", "StageConfig", "create_stage", "list_stages", "load_stage",
            "register_stage", "stage_class", "tiny_config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("pneumomap.stages.base"), name)
+    raise AttributeError(f"module 'pneumomap.stages' has no attribute {name!r}")

@@ -272,9 +272,9 @@ def load_stage(directory: str | os.PathLike, map_location: str | torch.device = 
     kind, cfg = read_config(directory)
     from pneumomap.stages.encoders import weights_follow
 
-    cfg = _without_pretrained(cfg)  # the checkpoint holds every weight: no backbone file needed
-    with weights_follow():
-        stage = stage_class(kind)(cfg)
+    with weights_follow():  # the checkpoint holds every weight: no backbone file is read
+        stage = stage_class(kind)(_without_pretrained(cfg))
+    stage.config = cfg  # as saved (the pretrained file names stay as provenance)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (the config beside it is a {kind!r} stage)")
