@@ -1,0 +1,59 @@
+"""Run a pipeline.yaml over a test set into submission files.
+
+  pneumomap infer --pipeline pipeline.yaml --input DIR|LIST --out OUT
+
+writes OUT/predictions.csv (image_id,probability), OUT/maps/<image_id>.png (8-bit, original size),
+OUT/rsna_submission.csv, OUT/decisions.csv, OUT/failures.csv and OUT/run_summary.json. The image
+id is the file stem. Model outputs are kept under OUT/.artifacts: the same command resumes a
+killed run, and after a threshold or checkpoint change only what changed runs again.
+
+Several processes: `torchrun --nproc_per_node N -m pneumomap.cli infer ...` (rank 0 merges), or a
+job array with --shard i/n (the last shard to finish merges; --merge merges the parts alone).
+Exit status: 0 ok, 1 some images failed (see failures.csv), 2 unusable pipeline/inputs/output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", default="pipeline.yaml", help="the pipeline YAML (default: %(default)s)")
+    parser.add_argument("--input", required=True, help="a folder of images (searched recursively), a list file "
+                        "(.txt/.lst, one path a line) or one image")
+    parser.add_argument("--out", required=True, help="the submission folder to write")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
+    parser.add_argument("--shard", default=None, help="i/n: process the i-th of n shards (job arrays)")
+    parser.add_argument("--merge", action="store_true", help="only merge the finished shards' parts into the submission")
+    parser.add_argument("--no-artifacts", action="store_true", help="keep no model outputs (no resume, no fast re-runs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pneumomap.infer import runner, shard
+    from pneumomap.infer.spec import PipelineError, load
+
+    try:
+        pipeline = load(args.pipeline)
+        parts = shard.parse_shard(args.shard) if args.shard else None
+        if parts and shard.under_torchrun():
+            raise runner.RunError("--shard cannot be combined with torchrun (the ranks are the shards)")
+        if args.merge:
+            items = runner.list_items(args.input)
+            summary = shard.merge_parts(pipeline, args.out, items, (parts or shard.from_environment())[1])
+        else:
+            options = runner.RunOptions(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                                        shard=parts, artifacts=not args.no_artifacts, progress=not args.quiet)
+            summary = runner.run(pipeline, args.input, args.out, options)
+    except (PipelineError, runner.RunError, ValueError, FileNotFoundError) as exc:
+        print(f"pneumomap infer: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    if summary["failures"]:
+        print(f"pneumomap infer: {summary['failures']} image(s) could not be processed; see "
+              f"{args.out}/failures.csv", file=sys.stderr)
+        return 1
+    return 0

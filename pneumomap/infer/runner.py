@@ -1,0 +1,484 @@
+"""Run a pipeline over a list of images in batches: the engine behind ``pneumomap infer``.
+
+Per chunk of ``batch_size`` images (input order) the nodes run in topological order: a
+model node once over the images that need it (those whose stored output is missing and,
+for ``when: GATE`` nodes, that the gate passed), an op once per image. Decoding (and the
+whole-image resize/normalise) runs ahead in worker processes (`reader.map_images`), so it
+overlaps the networks. Each classifier/regressor encoder runs once per image: its features
+feed its own head and every mapper that decodes it (a mapper only recomputes them when its
+source's output came from the store). CUDA: AMP + channels_last; CPU: channels_last.
+
+Python API::
+
+    summary = run(pipeline, inputs, out, RunOptions(...))      # what `pneumomap infer` calls
+    outputs = load_outputs(pipeline, out, inputs)              # stored model outputs of a run
+    values = postprocess(pipeline.with_thresholds(t), outputs[i])   # ops only, no network
+    map8 = values[pipeline.outputs.map]; p = values[pipeline.outputs.probability]
+
+A tuner runs ``run(..., RunOptions(ungated=True))`` once (gated nodes computed for every image,
+outputs unchanged) and then `postprocess` as often as it likes. Sharding, parts and merging:
+`pneumomap.infer.shard`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pneumomap.infer import artifacts as art
+from pneumomap.infer import shard as sharding
+from pneumomap.infer import writers
+from pneumomap.infer.ops import OPS, Lungs
+from pneumomap.infer.spec import IMAGE, Node, Pipeline, load
+
+MISSING = object()  # a gated model output that was never computed
+
+
+class RunError(RuntimeError):
+    """A problem found before any image is processed (checkpoint, inputs, output folder)."""
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int = 2
+    shard: tuple[int, int] | None = None  # (index, count); None: from torchrun's RANK/WORLD_SIZE or (0, 1)
+    artifacts: bool = True  # keep per-image model outputs under OUT/.artifacts (resume, re-runs)
+    ungated: bool = False  # compute gated model nodes for every image too (for tuning); outputs unchanged
+    progress: bool = True
+    merge: bool = True  # merge the parts into the submission when all are present
+
+
+@dataclass
+class ImageSize:
+    height: int
+    width: int
+
+
+@dataclass
+class Item:
+    index: int
+    path: str
+    image_id: str
+    signature: str
+
+
+@dataclass
+class _State:
+    """One image during a run."""
+
+    item: Item
+    values: dict[str, Any] = field(default_factory=dict)
+    radiograph: Any = None
+    inputs: dict[tuple, np.ndarray] = field(default_factory=dict)
+    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    failure: str | None = None
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+
+def evaluate_op(node: Node, values: dict[str, Any]) -> Any:
+    """One op node on one image's values."""
+    return OPS[node.type].fn(*(values[i] for i in node.inputs), **node.params)
+
+
+def postprocess(pipeline: Pipeline, stored: dict[str, Any]) -> dict[str, Any]:
+    """Every node's value for one image from its stored model outputs (see `load_outputs`): no network.
+
+    Gated model nodes are None where their gate is negative; a positive image whose gated
+    output was never computed raises KeyError (run once with ``RunOptions(ungated=True)``).
+    """
+    values = {IMAGE: stored[IMAGE]}
+    for node in pipeline.nodes.values():
+        if not node.is_model:
+            values[node.name] = evaluate_op(node, values)
+        elif node.when is not None and not values[node.when]:
+            values[node.name] = None
+        elif stored.get(node.name, MISSING) is MISSING:
+            raise KeyError(f"{stored.get('image_id', '?')}: no stored output of '{node.name}' (its gate was negative "
+                           "when the networks ran); run the pipeline with RunOptions(ungated=True) first")
+        else:
+            values[node.name] = stored[node.name]
+    return values
+
+
+def load_outputs(pipeline: Pipeline, out: str | Path, inputs: str | Path | list) -> list[dict[str, Any]]:
+    """The stored model outputs of a run into ``out``, one dict per input image (input order).
+
+    Keys: each model node (value, or MISSING when never computed), ``image`` (`ImageSize`),
+    ``image_id``. Images without stored outputs (unreadable, or not run yet) are left out.
+    """
+    store = art.ArtifactStore(Path(out) / art.ARTIFACTS)
+    keys = art.node_keys(pipeline)
+    thresholds = _lung_thresholds(pipeline)
+    result = []
+    for item in list_items(inputs):
+        meta = store.load_json(art.META, item.image_id, item.signature)
+        if meta is None:
+            continue
+        stored: dict[str, Any] = {IMAGE: ImageSize(meta["height"], meta["width"]), "image_id": item.image_id}
+        for node in pipeline.model_nodes:
+            array = store.load(art.model_folder(node.name, keys[node.name]), item.image_id, item.signature)
+            stored[node.name] = MISSING if array is None else _value(node, array, thresholds)
+        if all(stored[n.name] is not MISSING for n in pipeline.model_nodes if n.when is None):
+            result.append(stored)
+    return result
+
+
+def _value(node: Node, stored: np.ndarray, lung_thresholds: dict[str, float]) -> Any:
+    """A node's value from its stored array (lungs: the split of the stored probabilities)."""
+    value = art.dequantize(stored)
+    if node.type == "lungs":
+        from pneumomap.stages import lung_geometry
+
+        return Lungs(lung_geometry.split_lungs(lung_geometry.clean_mask(value, lung_thresholds[node.name])))
+    return value
+
+
+def _lung_thresholds(pipeline: Pipeline) -> dict[str, float]:
+    from pneumomap.stages.base import read_config
+
+    return {n.name: read_config(n.checkpoint)[1].threshold for n in pipeline.model_nodes if n.type == "lungs"}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def list_items(inputs: str | Path | list) -> list[Item]:
+    """The input images (a folder, a list file or a list of paths) with ids; ids must be unique."""
+    from pneumomap.stages.reader import UnreadableImageError, list_images
+
+    try:
+        paths = list_images(inputs) if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
+    except UnreadableImageError as exc:
+        raise RunError(f"--input: {exc}") from None
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise RunError(f"--input: two images have the id '{path.stem}' (the file stem): {seen[path.stem]} and "
+                           f"{path}; ids must be unique, rename one")
+        seen[path.stem] = path
+    return [Item(i, str(p), p.stem, art.source_signature(p)) for i, p in enumerate(paths)]
+
+
+def _prepare(image: Any, sizes: tuple[tuple[int, int], ...]) -> tuple[Any, dict]:
+    """Worker side: the decoded image plus its whole-image model inputs."""
+    from pneumomap.stages.preprocess import to_model_input
+    from pneumomap.stages.reader import UnreadableImageError
+
+    if isinstance(image, UnreadableImageError):
+        return image, {}
+    return image, {("whole", s): to_model_input(image.pixels, s) for s in sizes}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> dict[str, Any]:
+    """Load the stages of ``names`` (and the encoders their mappers decode); errors before any image."""
+    from pneumomap.stages.base import load_stage
+
+    wanted = set(names) | {pipeline.nodes[n].inputs[0] for n in names if pipeline.nodes[n].type == "mapper"}
+    models: dict[str, Any] = {}
+    for node in pipeline.model_nodes:
+        if node.name not in wanted:
+            continue
+        try:
+            stage = load_stage(node.checkpoint)
+        except Exception as exc:  # missing/corrupt files, wrong format: all fatal, before any image
+            raise RunError(f"nodes.{node.name}.checkpoint: cannot load {node.checkpoint}: {exc}") from None
+        if stage.kind != node.type:
+            raise RunError(f"nodes.{node.name}.checkpoint: {node.checkpoint} holds a {stage.kind!r} stage, "
+                           f"the node says stage: {node.type}")
+        if node.type == "regressor" and stage.config.side != node.params["side"]:
+            raise RunError(f"nodes.{node.name}: params.side is {node.params['side']!r} but the checkpoint "
+                           f"{node.checkpoint} is the {stage.config.side!r} regressor")
+        if node.type == "mapper":
+            try:
+                stage.attach_encoder(models[node.inputs[0]])
+            except ValueError as exc:
+                raise RunError(f"nodes.{node.name}: cannot decode the encoder of '{node.inputs[0]}': {exc}") from None
+        models[node.name] = stage.to(device).to(memory_format=torch.channels_last).eval()
+    return models
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Runner:
+    def __init__(self, pipeline: Pipeline, out: Path, options: RunOptions, device: torch.device):
+        self.pipeline, self.out, self.options, self.device = pipeline, out, options, device
+        self.store = art.ArtifactStore(out / art.ARTIFACTS if options.artifacts else None)
+        self.keys = art.node_keys(pipeline)
+        self.post = art.post_folder(art.post_key(pipeline, self.keys))
+        self.lung_thresholds = _lung_thresholds(pipeline)
+        self.models: dict[str, Any] = {}
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.computed: dict[str, int] = defaultdict(int)
+        self.sources = {n.inputs[0] for n in pipeline.model_nodes if n.type == "mapper"}
+        self.whole_sizes: tuple = ()
+
+    def folder(self, node: Node) -> str:
+        return art.model_folder(node.name, self.keys[node.name])
+
+    # -- planning
+
+    def finished(self, item: Item) -> writers.Record | None:
+        data = self.store.load_json(self.post, item.image_id, item.signature)
+        if data is None or not writers.map_path(self.out, item.image_id).is_file():
+            return None
+        return writers.Record(**data["record"])
+
+    def plan(self, items: list[Item]) -> tuple[list[Item], set[str]]:
+        """(images to decode ahead, model nodes that may have to run)."""
+        decode, needed = [], set()
+        for item in items:
+            missing = {n.name for n in self.pipeline.model_nodes if not self.store.has(self.folder(n), item.image_id)}
+            needed |= missing
+            if missing - {n.name for n in self.pipeline.model_nodes if n.when and not self.options.ungated}:
+                decode.append(item)
+        return decode, needed
+
+    # -- one chunk
+
+    def process(self, states: list[_State]) -> None:
+        for st in states:
+            meta = st.radiograph.meta if st.radiograph is not None else self.store.load_json(
+                art.META, st.item.image_id, st.item.signature)
+            if meta is None:  # no stored size and not decoded yet (gated outputs stored, meta lost)
+                self.ensure_image(st)
+                meta = st.radiograph.meta if st.radiograph is not None else None
+            if meta is not None:
+                st.values[IMAGE] = ImageSize(int(_get(meta, "height")), int(_get(meta, "width")))
+        for node in self.pipeline.nodes.values():
+            start = time.perf_counter()
+            live = [st for st in states if st.failure is None]
+            if node.is_model:
+                self.run_model(node, live)
+            else:
+                for st in live:
+                    try:
+                        st.values[node.name] = evaluate_op(node, st.values)
+                    except Exception as exc:  # isolate: one bad image does not stop the run
+                        st.failure = f"{node.name}: {type(exc).__name__}: {exc}"
+            self.seconds[node.name] += time.perf_counter() - start
+
+    def ensure_image(self, st: _State) -> None:
+        """Decode an image that was not decoded ahead (gate flipped since the outputs were stored)."""
+        from pneumomap.stages.reader import read_image
+
+        if st.radiograph is None and st.failure is None:
+            self.accept(st, *_prepare(_read_or_error(read_image, st.item.path), self.whole_sizes))
+
+    def accept(self, st: _State, image: Any, inputs: dict) -> None:
+        from pneumomap.stages.reader import UnreadableImageError
+
+        if isinstance(image, UnreadableImageError):
+            st.failure = image.reason
+            return
+        st.radiograph, st.inputs = image, dict(inputs)
+        st.values[IMAGE] = ImageSize(image.meta.height, image.meta.width)
+        self.store.save_json(art.META, st.item.image_id, {"height": image.meta.height, "width": image.meta.width,
+                                                          "source": st.item.signature})
+
+    def run_model(self, node: Node, states: list[_State]) -> None:
+        need = []
+        for st in states:
+            gated_out = node.when is not None and not st.values[node.when]
+            if gated_out and not self.options.ungated:
+                st.values[node.name] = None
+                continue
+            stored = self.store.load(self.folder(node), st.item.image_id, st.item.signature)
+            if stored is None:
+                need.append(st)
+            else:
+                st.values[node.name] = None if gated_out else _value(node, stored, self.lung_thresholds)
+        for st in need:
+            self.ensure_image(st)
+        need = [st for st in need if st.failure is None]
+        if not need:
+            return
+        outputs = self.compute(node, need)
+        for st, output in zip(need, outputs):
+            stored = art.quantize(output)
+            self.store.save(self.folder(node), st.item.image_id, st.item.signature, stored)
+            gated_out = node.when is not None and not st.values[node.when]
+            st.values[node.name] = None if gated_out else _value(node, stored, self.lung_thresholds)
+        self.computed[node.name] += len(need)
+
+    def model_input(self, node: Node, st: _State) -> np.ndarray:
+        """The (h, w) input of a classifier/regressor/lungs node (a mapper uses its source's)."""
+        stage = self.models[node.name]
+        size = tuple(stage.input_size)
+        if node.type != "regressor":
+            key = ("whole", size)
+            if key not in st.inputs:
+                from pneumomap.stages.preprocess import to_model_input
+
+                st.inputs[key] = to_model_input(st.radiograph.pixels, size)
+            return st.inputs[key]
+        lungs_node = node.inputs[1]
+        key = ("crop", lungs_node, size, node.params["side"])
+        if key not in st.inputs:
+            from pneumomap.stages.lungs import lung_half_inputs
+
+            halves = lung_half_inputs(st.radiograph.pixels, st.values[lungs_node].split, size)
+            for side, (array, _box) in halves.items():
+                st.inputs[("crop", lungs_node, size, side)] = array
+        return st.inputs[key]
+
+    def batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        from pneumomap.device import to_device
+
+        return to_device(torch.from_numpy(np.stack(arrays)[:, None]), self.device)
+
+    def compute(self, node: Node, states: list[_State]) -> list[np.ndarray]:
+        from pneumomap.device import autocast
+
+        stage = self.models[node.name]
+        source = self.pipeline.nodes[node.inputs[0]] if node.type == "mapper" else node
+        x = self.batch([self.model_input(source, st) for st in states])
+        with torch.inference_mode(), autocast(self.device):
+            if node.type == "lungs":
+                out = stage.predict(x)[:, 0]
+            elif node.type == "mapper":
+                out = stage.predict(x, self.features(source, states, x))[:, 0]
+            else:
+                features = stage.encode(x)
+                out = stage.predict(x, features)
+                if node.name in self.sources:
+                    for i, st in enumerate(states):
+                        st.features[node.name] = [f[i] for f in features]
+        return list(out.float().cpu().numpy())
+
+    def features(self, source: Node, states: list[_State], x: torch.Tensor) -> list[torch.Tensor]:
+        """The source encoder's features of ``states`` (computed now for those that have none)."""
+        todo = [i for i, st in enumerate(states) if source.name not in st.features]
+        if todo:
+            fresh = self.models[source.name].encode(x[todo])
+            for j, i in enumerate(todo):
+                states[i].features[source.name] = [f[j] for f in fresh]
+        levels = zip(*(st.features[source.name] for st in states))
+        return [torch.stack(level) for level in levels]
+
+    # -- results
+
+    def finish(self, st: _State) -> writers.Record:
+        item = st.item
+        if st.failure is not None:
+            floor = self.pipeline.nodes[self.pipeline.outputs.map].params.get("outside", 1)
+            writers.write_map(self.out, item.image_id, writers.fallback_map(item.path, floor))
+            return writers.failure_record(item.image_id, item.path, st.failure)
+        outputs = self.pipeline.outputs
+        map8 = st.values[outputs.map]
+        writers.write_map(self.out, item.image_id, map8)
+        record = writers.make_record(item.image_id, item.path, st.values[outputs.probability],
+                                     {c: st.values[n] for c, n in outputs.decisions.items()}, map8, outputs.rsna)
+        self.store.save_json(self.post, item.image_id, {"record": vars(record), "source": item.signature})
+        return record
+
+
+def _get(meta: Any, key: str) -> Any:
+    return meta[key] if isinstance(meta, dict) else getattr(meta, key)
+
+
+def _read_or_error(read, path: str) -> Any:
+    from pneumomap.stages.reader import UnreadableImageError
+
+    try:
+        return read(path)
+    except UnreadableImageError as exc:
+        return exc
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def check_output(out: Path) -> None:
+    """Fail early when the output folder cannot be written."""
+    from pneumomap.fileio import atomic_write_text
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".pneumomap-write-test"
+        atomic_write_text(probe, "ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"--out {out}: cannot write there: {exc.strerror or exc}") from None
+
+
+def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | Path,
+        options: RunOptions | None = None) -> dict[str, Any]:
+    """Run the pipeline over ``inputs`` into ``out``; return the run summary (see module doc).
+
+    Raises `RunError` (or `PipelineError`) before any image is processed when the pipeline,
+    a checkpoint, the inputs or the output folder is unusable.
+    """
+    from pneumomap.device import resolve_device
+    from pneumomap.stages.reader import map_images
+
+    options = options or RunOptions()
+    pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
+    out = Path(out)
+    all_items = list_items(inputs)
+    check_output(out)
+    index, count = options.shard or sharding.from_environment()
+    items = all_items[index::count]
+    device = resolve_device(options.device)
+    runner = _Runner(pipeline, out, options, device)
+    started = time.perf_counter()
+
+    records: dict[int, writers.Record] = {}
+    todo = []
+    for item in items:
+        record = runner.finished(item)
+        if record is None:
+            todo.append(item)
+        else:
+            records[item.index] = record
+    decode, needed = runner.plan(todo)
+    runner.models = load_models(pipeline, needed, device)
+    runner.whole_sizes = tuple(sorted({tuple(m.input_size) for n, m in runner.models.items()
+                                       if pipeline.nodes[n].type in ("lungs", "classifier")}))
+    decoded = map_images(functools.partial(_prepare, sizes=runner.whole_sizes), [i.path for i in decode],
+                         n_jobs=max(1, options.workers))
+    ahead = {item.index for item in decode}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), initial=len(records), unit="img", desc="infer", disable=not options.progress,
+               dynamic_ncols=True)
+    with contextlib.closing(bar):
+        for chunk in _chunks(todo, max(1, options.batch_size)):
+            states = [_State(item) for item in chunk]
+            start = time.perf_counter()
+            for st in states:
+                if st.item.index in ahead:
+                    runner.accept(st, *next(decoded))
+            runner.seconds["read"] += time.perf_counter() - start
+            runner.process(states)
+            start = time.perf_counter()
+            for st in states:
+                records[st.item.index] = runner.finish(st)
+            runner.seconds["write"] += time.perf_counter() - start
+            bar.update(len(states))
+    elapsed = time.perf_counter() - started
+    part = {
+        "images": len(items),
+        "failures": sum(1 for r in records.values() if r.failure),
+        "seconds": {k: round(v, 4) for k, v in runner.seconds.items()},
+        "computed": {n.name: runner.computed.get(n.name, 0) for n in pipeline.model_nodes},
+        "wall_seconds": round(elapsed, 4),
+        "device": str(device),
+    }
+    return sharding.finish(pipeline, out, all_items, (index, count), records, part, merge=options.merge)

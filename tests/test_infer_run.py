@@ -1,0 +1,201 @@
+"""The runner on the tiny pipeline: formats, failure isolation, gating, artifacts, re-runs."""
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumomap.infer import cli, runner, spec
+from pneumomap.infer.runner import RunOptions
+from pneumomap.infer.tiny import write_inputs, write_pipeline
+
+FAST = dict(workers=1, progress=False, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """Tiny random-weight pipeline whose gate passes about half of 6 phantoms (+1 corrupt file)."""
+    root = tmp_path_factory.mktemp("tiny")
+    images = write_inputs(root / "data", n=6)
+    path = write_pipeline(root / "pipe")
+    pipeline = spec.load(path)
+    probe = root / "probe"
+    runner.run(pipeline, images, probe, RunOptions(**FAST))
+    probs = sorted(float(r["probability"]) for r in _rows(probe / "predictions.csv") if not _failed(probe, r))
+    threshold = (probs[2] + probs[3]) / 2
+    path.write_text(spec.replace_thresholds(path.read_text(), {**pipeline.thresholds, "classifier": threshold}))
+    return {"root": root, "images": images, "pipeline": spec.load(path), "path": path}
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _failed(out: Path, row: dict) -> bool:
+    return any(r["image_id"] == row["image_id"] for r in _rows(out / "failures.csv"))
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    names = ["predictions.csv", "decisions.csv", "rsna_submission.csv", "failures.csv"]
+    files = {n: (out / n).read_bytes() for n in names}
+    files.update({f"maps/{p.name}": p.read_bytes() for p in sorted((out / "maps").glob("*.png"))})
+    return files
+
+
+class Counter:
+    """Counts Conv2d forwards (any network) and mapper batches."""
+
+    def __init__(self, monkeypatch):
+        from pneumomap.stages.mapper import Mapper
+
+        self.convs, self.mapper_images = 0, 0
+        conv, predict = torch.nn.Conv2d.forward, Mapper.predict
+
+        def counted_conv(module, x):
+            self.convs += 1
+            return conv(module, x)
+
+        def counted_predict(module, x, features=None):
+            self.mapper_images += x.shape[0]
+            return predict(module, x, features)
+
+        monkeypatch.setattr(torch.nn.Conv2d, "forward", counted_conv)
+        monkeypatch.setattr(Mapper, "predict", counted_predict)
+
+
+def test_formats_and_failure_isolation(tiny, tmp_path):
+    out = tmp_path / "out"
+    args = argparse.Namespace(pipeline=str(tiny["path"]), input=str(tiny["images"]), out=str(out), device="auto",
+                              batch_size=4, workers=2, shard=None, merge=False, no_artifacts=False, quiet=True)
+    assert cli.main(args) == 1  # one unreadable image -> non-zero exit
+
+    inputs = sorted(p for p in tiny["images"].iterdir())
+    ids = [p.stem for p in inputs]
+    predictions = _rows(out / "predictions.csv")
+    assert list(predictions[0]) == ["image_id", "probability"] and [r["image_id"] for r in predictions] == ids
+    decisions = _rows(out / "decisions.csv")
+    assert list(decisions[0]) == ["image_id", "probability", "gate", "right_extent", "left_extent",
+                                  "right_choice", "left_choice", "level"] and len(decisions) == len(ids)
+    rsna = _rows(out / "rsna_submission.csv")
+    assert list(rsna[0]) == ["patientId", "PredictionString"] and [r["patientId"] for r in rsna] == ids
+    for row in rsna:
+        values = row["PredictionString"].split()
+        assert len(values) % 5 == 0 and all(0 <= float(v) <= 1 for v in values[::5])
+
+    failures = _rows(out / "failures.csv")
+    corrupt = next(p for p in inputs if "corrupt" in p.name)
+    assert [(f["image_id"], f["path"]) for f in failures] == [(corrupt.stem, str(corrupt))] and failures[0]["reason"]
+    bad = np.asarray(Image.open(out / "maps" / f"{corrupt.stem}.png"))
+    assert bad.dtype == np.uint8 and np.all(bad == 1)
+    assert next(r for r in predictions if r["image_id"] == corrupt.stem)["probability"] == "0.000000"
+
+    from pneumomap.stages.reader import read_image
+
+    stored = {s["image_id"]: s for s in runner.load_outputs(tiny["pipeline"], out, tiny["images"])}
+    assert len(stored) == len(ids) - 1
+    for path in inputs:
+        if path == corrupt:
+            continue
+        image = Image.open(out / "maps" / f"{path.stem}.png")
+        meta = read_image(path).meta
+        assert image.mode == "L" and image.size == (meta.width, meta.height)
+        map8 = np.asarray(image)
+        inside = stored[path.stem]["lungs"].mask_at(map8.shape)
+        assert np.all(map8[~inside] == 1) and map8[inside].min() >= 10 and map8[inside].max() <= 245
+    assert {r["gate"] for r in decisions if r["image_id"] != corrupt.stem} == {"0", "1"}
+    summary = __import__("json").loads((out / "run_summary.json").read_text())
+    assert summary["images"] == len(ids) and summary["failures"] == 1 and summary["images_per_second"] > 0
+    assert {"lungs", "classifier", "mapper_whole", "final", "read", "write"} <= set(summary["seconds"])
+    assert summary["threshold"] == tiny["pipeline"].nodes["gate"].params["threshold"]
+
+
+@pytest.mark.parametrize("threshold, expect", [(1.0, 0), (0.0, 3 * 6)])
+def test_gate_skips_every_mapper(tiny, tmp_path, monkeypatch, threshold, expect):
+    pipeline = tiny["pipeline"]
+    pipeline = pipeline.with_thresholds({**pipeline.thresholds, "classifier": threshold})
+    counter = Counter(monkeypatch)
+    summary = runner.run(pipeline, tiny["images"], tmp_path / "out", RunOptions(**FAST, artifacts=False))
+    assert counter.mapper_images == expect
+    assert summary["computed"]["mapper_whole"] == expect // 3 and summary["computed"]["classifier"] == 6
+
+
+def test_post_processing_change_runs_no_network(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    runner.run(tiny["pipeline"], tiny["images"], out, RunOptions(**FAST))
+    thresholds = {**tiny["pipeline"].thresholds, "level": 0.0, "right_extent": 0.0,
+                  "overestimate": {"low": {"dilate": 1, "raise": 0.0}, "high": {"dilate": 2, "raise": 0.3}},
+                  "clip": {"low": 30, "high": 200, "outside": 2}, "box": 0.6}
+    changed = tiny["pipeline"].with_thresholds(thresholds)
+    counter = Counter(monkeypatch)
+    summary = runner.run(changed, tiny["images"], out, RunOptions(**FAST))
+    assert counter.convs == 0 and not any(summary["computed"].values())
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    runner.run(changed, tiny["images"], fresh, RunOptions(**FAST, artifacts=False))
+    assert _files(out) == _files(fresh)
+
+    # the tuner's path: stored outputs -> postprocess(), the same maps, no network
+    counter = Counter(monkeypatch)
+    for stored in runner.load_outputs(changed, out, tiny["images"]):
+        values = runner.postprocess(changed, stored)
+        png = np.asarray(Image.open(out / "maps" / f"{stored['image_id']}.png"))
+        assert np.array_equal(values[changed.outputs.map], png)
+    assert counter.convs == 0
+
+
+def test_ungated_outputs_let_the_tuner_move_the_gate(tiny, tmp_path):
+    closed = tiny["pipeline"].with_thresholds({**tiny["pipeline"].thresholds, "classifier": 1.0})
+    out = tmp_path / "out"
+    summary = runner.run(closed, tiny["images"], out, RunOptions(**FAST, ungated=True))
+    assert summary["computed"]["mapper_whole"] == 6
+    assert {r["gate"] for r in _rows(out / "decisions.csv") if r["gate"]} == {"0"}
+    opened = closed.with_thresholds({**closed.thresholds, "classifier": 0.0})
+    direct = tmp_path / "direct"
+    runner.run(opened, tiny["images"], direct, RunOptions(**FAST, artifacts=False))
+    for stored in runner.load_outputs(opened, out, tiny["images"]):
+        values = runner.postprocess(opened, stored)
+        png = np.asarray(Image.open(direct / "maps" / f"{stored['image_id']}.png"))
+        assert values["gate"] and np.array_equal(values[opened.outputs.map], png)
+
+
+def test_swapping_one_checkpoint_reruns_only_it_and_its_dependants(tiny, tmp_path):
+    from pneumomap.stages.base import create_stage, load_stage, tiny_config
+
+    out = tmp_path / "out"
+    runner.run(tiny["pipeline"], tiny["images"], out, RunOptions(**FAST))
+    old = tiny["pipeline"].nodes["regressor_right"].checkpoint
+    torch.manual_seed(123)
+    new = create_stage("regressor", tiny_config("regressor", side="right"))
+    new.load_state_dict(load_stage(old).state_dict())  # same encoder (the mapper decodes it) ...
+    with torch.no_grad():
+        new.members[0].head.fc.bias.add_(0.5) if hasattr(new.members[0].head, "fc") else \
+            next(p for n, p in new.named_parameters() if "head" in n and n.endswith("bias")).add_(0.5)  # ... new head
+    new.save(tmp_path / "regressor_right")
+    raw = dict(tiny["pipeline"].raw)
+    raw["nodes"] = {**raw["nodes"], "regressor_right": {**raw["nodes"]["regressor_right"],
+                                                        "checkpoint": str(tmp_path / "regressor_right")}}
+    swapped = spec.parse(raw, tiny["path"])
+    summary = runner.run(swapped, tiny["images"], out, RunOptions(**FAST))
+    positives = sum(r["gate"] == "1" for r in _rows(out / "decisions.csv"))
+    assert summary["computed"] == {"lungs": 0, "classifier": 0, "regressor_right": 6, "regressor_left": 0,
+                                   "mapper_whole": 0, "mapper_right": positives, "mapper_left": 0}
+
+
+def test_bad_checkpoint_or_output_fails_before_any_image(tiny, tmp_path):
+    broken = tmp_path / "pipe"
+    shutil.copytree(tiny["path"].parent, broken)
+    (broken / "checkpoints" / "mapper_left" / "weights.safetensors").write_bytes(b"garbage")
+    pipeline = spec.load(broken / "pipeline.yaml")
+    with pytest.raises(runner.RunError, match="nodes.mapper_left.checkpoint: cannot load"):
+        runner.run(pipeline, tiny["images"], tmp_path / "out", RunOptions(**FAST))
+    assert not (tmp_path / "out" / "maps").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(runner.RunError, match="cannot write there"):
+        runner.run(tiny["pipeline"], tiny["images"], tmp_path / "file" / "out", RunOptions(**FAST))
