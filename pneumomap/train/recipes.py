@@ -1,0 +1,174 @@
+"""Training recipes: YAML defaults per stage, user recipe files and ``--set key=value`` overrides.
+
+Resolution order (later wins): ``recipes/common.yaml`` <- ``recipes/<stage>.yaml`` (DESIGN.md's
+table) <- ``--recipe FILE`` (or a named recipe such as ``tiny`` = ``recipes/tiny/<stage>.yaml``)
+<- ``--set``. Only keys of the first two layers exist; anything else fails with the closest name.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).with_name("recipes")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a training stage name means: the stage kind it builds and, for mappers, the input."""
+    kind: str                  # lungs | classifier | regressor | mapper
+    side: str | None = None    # right | left for per-lung stages, None for whole-image stages
+    source: str | None = None  # mappers: the training stage whose encoder is borrowed
+    metric: str = "dice"       # validation metric that picks DIR/best
+    higher_is_better: bool = True
+
+
+STAGES: dict[str, StageSpec] = {
+    "lungs": StageSpec("lungs"),
+    "classifier": StageSpec("classifier", metric="auc"),
+    "regressor_right": StageSpec("regressor", side="right", metric="mae", higher_is_better=False),
+    "regressor_left": StageSpec("regressor", side="left", metric="mae", higher_is_better=False),
+    "mapper_whole": StageSpec("mapper", source="classifier"),
+    "mapper_right": StageSpec("mapper", side="right", source="regressor_right"),
+    "mapper_left": StageSpec("mapper", side="left", source="regressor_left"),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that cannot be used; the message says which key and how to fix it."""
+
+
+def _closest(key: str, choices) -> str:
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def stage_spec(stage: str) -> StageSpec:
+    if stage not in STAGES:
+        raise RecipeError(f"unknown stage '{stage}'{_closest(stage, STAGES)}; stages: {', '.join(STAGES)}")
+    return STAGES[stage]
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def defaults(stage: str) -> dict:
+    """The reference recipe of ``stage``: common keys overlaid with the stage's table values."""
+    stage_spec(stage)
+    recipe = _load_yaml(RECIPE_DIR / "common.yaml")
+    recipe.update(_load_yaml(RECIPE_DIR / f"{stage}.yaml"))
+    return recipe
+
+
+def recipe_path(stage: str, recipe: str) -> Path:
+    """A recipe argument -> file: an existing path, or a name of recipes/<name>/<stage>.yaml."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    named = RECIPE_DIR / recipe / f"{stage}.yaml"
+    if named.is_file():
+        return named
+    names = sorted(p.name for p in RECIPE_DIR.iterdir() if p.is_dir())
+    raise RecipeError(f"--recipe {recipe}: no such file, and not a recipe name{_closest(recipe, names)}; "
+                      f"names: {', '.join(names)}")
+
+
+def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
+    """Overlay ``update`` on ``base`` in place; keys must exist in ``base`` (except under ``model``)."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base and not prefix.startswith("model."):  # model keys: checked by the stage config
+            raise RecipeError(f"{where}: unknown recipe key '{dotted}'{_closest(dotted, _keys(base, prefix))}")
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, where, f"{dotted}.")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+    return [f"{prefix}{k}" for k in tree]
+
+
+def parse_set(items: list[str]) -> dict:
+    """['a=1', 'model.backbone=resnet10t'] -> nested dict; values parsed as YAML scalars/lists."""
+    result: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item}: expected key=value (e.g. --set epochs=5)")
+        key, text = item.split("=", 1)
+        value = _parse_value(text)
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return result
+
+
+def _parse_value(text: str):
+    """A --set value as YAML (numbers, true/false, null, [lists]); '1e-3' is a float too (YAML 1.1 says str)."""
+    if not text.strip():
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The full recipe of a training run; raises RecipeError naming a bad key or value."""
+    resolved = defaults(stage)
+    if recipe:
+        path = recipe_path(stage, recipe)
+        _merge(resolved, _load_yaml(path), str(path))
+    _merge(resolved, parse_set(overrides or []), "--set")
+    validate(stage, resolved)
+    return resolved
+
+
+_CHOICES = {
+    "schedule": ("cosine", "constant"),
+    "target": ("binary", "three_class", "extent"),
+    "loss": ("bce", "focal", "ce", "mse_mae", "dice"),
+    "cache": ("auto", True, False),
+}
+_POSITIVE = ("epochs", "batch_size", "accumulate")
+
+
+def validate(stage: str, recipe: dict) -> None:
+    """Types and ranges of the recipe values; errors name the key and the accepted values."""
+    for key, choices in _CHOICES.items():
+        if key in recipe and recipe[key] not in choices:
+            raise RecipeError(f"recipe key '{key}': {recipe[key]!r} is not one of {', '.join(map(str, choices))}")
+    for key in _POSITIVE:
+        if not isinstance(recipe[key], int) or recipe[key] < 1:
+            raise RecipeError(f"recipe key '{key}': expected a positive integer, got {recipe[key]!r}")
+    for key in ("lr", "weight_decay", "lr_decay", "min_lr", "rotate"):
+        if not isinstance(recipe[key], (int, float)) or recipe[key] < 0:
+            raise RecipeError(f"recipe key '{key}': expected a number >= 0, got {recipe[key]!r}")
+    if not isinstance(recipe["model"], dict):
+        raise RecipeError(f"recipe key 'model': expected a mapping of stage config keys, got {recipe['model']!r}")
+    spec = stage_spec(stage)
+    if spec.kind == "mapper" and not recipe.get("encoder_from"):
+        raise RecipeError(f"stage {stage}: set the borrowed encoder, e.g. --set encoder_from=runs/{spec.source}/best")
+
+
+def dump(recipe: dict) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False)
