@@ -454,6 +454,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     decoded = map_images(functools.partial(_prepare, sizes=runner.whole_sizes), [i.path for i in decode],
                          n_jobs=max(1, options.workers))
     ahead = {item.index for item in decode}
+    setup = time.perf_counter() - started  # listing, hashing checkpoints, planning, loading models
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), initial=len(records), unit="img", desc="infer", disable=not options.progress,
@@ -479,6 +480,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         "seconds": {k: round(v, 4) for k, v in runner.seconds.items()},
         "computed": {n.name: runner.computed.get(n.name, 0) for n in pipeline.model_nodes},
         "wall_seconds": round(elapsed, 4),
+        "setup_seconds": round(setup, 4),
         "device": str(device),
     }
     return sharding.finish(pipeline, out, all_items, (index, count), records, part, merge=options.merge)

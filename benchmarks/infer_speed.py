@@ -1,0 +1,171 @@
+"""pneumomap infer against a naive per-image loop, on the same images and weights (issue 4, item 9).
+
+  .venv/bin/python benchmarks/infer_speed.py [--n 16] [--size 1024] [--memory 100,1000] [--out runs/bench]
+
+(a) `pneumomap.infer.runner.run` with the default pipeline.yaml's architecture (random weights,
+    EfficientNet-B4 everywhere), the gate's threshold at the median classifier probability so
+    that about half of the images pass (the fraction is printed), no stored artifacts;
+(b) a naive loop as a notebook would write it: each image read in the main process, every
+    network run separately at batch size 1 in NCHW, each mapper with its own encoder, no gate.
+Both write the same kind of maps. Also printed: the sum of the pure forward times of the
+networks (a) needs (same batches, tensors ready), hence (a)'s overhead; and the peak RSS of
+`pneumomap infer` with the tiny pipeline at each --memory image count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pneumomap.infer import runner, spec  # noqa: E402
+from pneumomap.infer.ops import Lungs  # noqa: E402
+from pneumomap.infer.tiny import write_inputs, write_pipeline  # noqa: E402
+
+
+def naive(pipeline: spec.Pipeline, paths: list[Path], out: Path) -> float:
+    """Per image, per network, batch 1, NCHW, no shared encoders, no gate, no workers."""
+    from pneumomap.fileio import write_png
+    from pneumomap.stages.base import load_stage
+    from pneumomap.stages.lungs import lung_half_inputs
+    from pneumomap.stages.preprocess import to_model_input
+    from pneumomap.stages.reader import read_image
+
+    models = {n.name: load_stage(n.checkpoint).eval() for n in pipeline.model_nodes}  # mappers keep their own encoder
+    start = time.perf_counter()
+    for path in paths:
+        image = read_image(path)
+        whole = torch.from_numpy(to_model_input(image.pixels, (512, 512)))[None, None]
+        with torch.no_grad():
+            split = models["lungs"].splits(models["lungs"].predict(whole))[0]
+            values = {"image": runner.ImageSize(image.meta.height, image.meta.width), "lungs": Lungs(split),
+                      "classifier": float(models["classifier"].predict(whole)[0])}
+            halves = lung_half_inputs(image.pixels, split, (512, 320))
+            for side in ("right", "left"):
+                x = torch.from_numpy(halves[side][0])[None, None]
+                values[f"regressor_{side}"] = float(models[f"regressor_{side}"].predict(x)[0])
+                values[f"mapper_{side}"] = models[f"mapper_{side}"].predict(x)[0, 0].numpy()
+            values["mapper_whole"] = models["mapper_whole"].predict(whole)[0, 0].numpy()
+        for node in pipeline.op_nodes:
+            values[node.name] = runner.evaluate_op(node, values)
+        write_png(out / f"{path.stem}.png", values[pipeline.outputs.map])
+    return time.perf_counter() - start
+
+
+def pure_forward(pipeline: spec.Pipeline, n: int, positives: int, batch: int) -> float:
+    """Seconds of the forward passes alone for the work (a) does: each encoder once, mappers on positives."""
+    from pneumomap.infer.runner import load_models
+
+    models = load_models(pipeline, {m.name for m in pipeline.model_nodes}, torch.device("cpu"))
+    total = 0.0
+
+    def timed(fn, *args):
+        nonlocal total
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = fn(*args)
+        total += time.perf_counter() - start
+        return result
+
+    for count, todo_mappers in ((n, False), (positives, True)):
+        for start in range(0, count, batch):
+            b = min(batch, count - start)
+            whole = torch.randn(b, 1, 512, 512).contiguous(memory_format=torch.channels_last)
+            half = torch.randn(b, 1, 512, 320).contiguous(memory_format=torch.channels_last)
+            if not todo_mappers:
+                timed(models["lungs"].predict, whole)
+                for name, x in (("classifier", whole), ("regressor_right", half), ("regressor_left", half)):
+                    features = timed(models[name].encode, x)
+                    timed(models[name].predict, x, features)
+            else:  # the encoders' features are already there in (a): only the decoders
+                for name, source, x in (("mapper_whole", "classifier", whole), ("mapper_right", "regressor_right", half),
+                                        ("mapper_left", "regressor_left", half)):
+                    with torch.inference_mode():
+                        features = models[source].encode(x)
+                    timed(models[name].predict, x, features)
+    return total
+
+
+def peak_rss(pipeline: Path, images: Path, out: Path) -> float:
+    """Peak RSS (MiB, VmHWM) of one `pneumomap infer` process (decode workers excluded)."""
+    code = ("import sys; from pneumomap.cli import main; rc = main(sys.argv[1:]); "
+            "print('RSS', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    done = subprocess.run([sys.executable, "-c", code, "infer", "--pipeline", str(pipeline), "--input", str(images),
+                           "--out", str(out), "--quiet", "--batch-size", "8"], capture_output=True, text=True,
+                          cwd=ROOT)
+    line = [l for l in done.stdout.splitlines() if l.startswith("RSS")]
+    if not line:
+        raise RuntimeError(done.stderr[-2000:])
+    return int(line[0].split()[1]) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16, help="images for the speed comparison")
+    parser.add_argument("--size", type=int, default=1024, help="phantom image size")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+
+    images = write_inputs(out / "data", n=args.n, size=args.size, corrupt=False)
+    paths = sorted(images.iterdir())
+    path = write_pipeline(out / "full", tiny=False)
+    pipeline = spec.load(path)
+    # gate at the median probability: about half of the images pass
+    probe = runner.run(pipeline.with_thresholds({**pipeline.thresholds, "classifier": 1.0}), images,
+                       out / "probe", runner.RunOptions(progress=False, batch_size=args.batch_size))
+    probs = sorted(float(l.split(",")[1]) for l in (out / "probe" / "predictions.csv").read_text().splitlines()[1:])
+    threshold = float(np.median(probs))
+    pipeline = pipeline.with_thresholds({**pipeline.thresholds, "classifier": threshold})
+
+    summary = runner.run(pipeline, images, out / "pneumomap",
+                         runner.RunOptions(artifacts=False, progress=False, batch_size=args.batch_size, workers=2))
+    t_pm = summary["wall_seconds"] - summary["setup_seconds"]  # model loading excluded, as for the naive loop
+    positives = summary["computed"]["mapper_whole"]
+    t_naive = naive(pipeline, paths, out / "naive")
+    t_pure = pure_forward(pipeline, len(paths), positives, args.batch_size)
+    result = {
+        "images": len(paths), "size": args.size, "torch_threads": torch.get_num_threads(),
+        "gate_pass_fraction": round(positives / len(paths), 3),
+        "probe_seconds": probe["wall_seconds"],
+        "pneumomap_seconds": round(t_pm, 2), "pneumomap_setup_seconds": summary["setup_seconds"], "pneumomap_images_per_second": round(len(paths) / t_pm, 3),
+        "naive_seconds": round(t_naive, 2), "naive_images_per_second": round(len(paths) / t_naive, 3),
+        "speedup": round(t_naive / t_pm, 2),
+        "pure_forward_seconds": round(t_pure, 2), "overhead": round(t_pm / t_pure - 1, 3),
+        "pneumomap_seconds_per_node": summary["seconds"],
+    }
+    counts = [int(c) for c in args.memory.split(",") if c]
+    if counts:
+        tiny_pipe = write_pipeline(out / "tiny", tiny=True, thresholds={"classifier": 0.0})
+        base = write_inputs(out / "mem_data", n=50, size=256, corrupt=False)
+        rss = {}
+        for count in counts:
+            folder = out / f"mem_{count}"
+            folder.mkdir()
+            sources = sorted(base.iterdir())
+            for i in range(count):  # copies under new names: distinct ids, same decoding work
+                shutil.copy(sources[i % len(sources)], folder / f"{i:05d}.dcm")
+            rss[count] = round(peak_rss(tiny_pipe, folder, out / f"mem_out_{count}"), 1)
+        result["peak_rss_mib"] = rss
+        if len(counts) >= 2:
+            result["rss_growth"] = round(rss[counts[-1]] / rss[counts[0]] - 1, 3)
+    print(json.dumps(result, indent=2))
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
