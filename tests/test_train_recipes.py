@@ -1,0 +1,120 @@
+"""Training recipes, --set overrides, the LR schedule, losses and the flip that swaps sides (no training here)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pneumomap.train import augment, recipes
+from pneumomap.train.losses import BinaryLoss, Dice, MseMae, make_loss
+from pneumomap.train.schedule import lr_factor, make_scheduler
+
+
+def test_reference_recipes_follow_the_design_table():
+    table = {"classifier": (1e-5, "bce", "cosine", 0.5, 32), "regressor_right": (5e-5, "mse_mae", "cosine", 0.75, 50),
+             "regressor_left": (5e-5, "mse_mae", "cosine", 0.75, 50), "mapper_whole": (1e-4, "dice", "cosine", 0.75, 32),
+             "lungs": (1e-4, "dice", "constant", 1.0, 32)}
+    for stage, (lr, loss, schedule, decay, batch) in table.items():
+        r = recipes.defaults(stage)
+        assert (r["lr"], r["loss"], r["schedule"], r["lr_decay"], r["batch_size"]) == (lr, loss, schedule, decay, batch)
+        assert r["rotate"] == 15
+    assert 12 <= recipes.defaults("classifier")["epochs"] <= 20
+    assert recipes.defaults("lungs")["epochs"] == 100
+    for stage in recipes.STAGES:  # every stage has a reference and a tiny recipe
+        recipes.recipe_path(stage, "tiny")
+
+
+def test_set_overrides_apply_with_types():
+    r = recipes.resolve("classifier", "tiny", ["epochs=3", "lr=1e-3", "hflip=true", "model.backbones=[resnet10t]",
+                                               "class_weights=[1, 3]", "max_images=null"])
+    assert r["epochs"] == 3 and r["lr"] == 1e-3 and r["hflip"] is True
+    assert r["model"]["backbones"] == ["resnet10t"] and r["model"]["input_size"] == [128, 128]
+    assert r["class_weights"] == [1, 3] and r["max_images"] is None
+
+
+def test_unknown_keys_fail_with_the_closest_name():
+    with pytest.raises(recipes.RecipeError, match=r"unknown recipe key 'epoch'.*did you mean 'epochs'"):
+        recipes.resolve("classifier", None, ["epoch=3"])
+    with pytest.raises(recipes.RecipeError, match=r"'focal_gamma'"):
+        recipes.resolve("classifier", None, ["focal_gama=1"])
+    with pytest.raises(recipes.RecipeError, match="unknown recipe key 'target'"):  # classifier-only key
+        recipes.resolve("lungs", None, ["target=binary"])
+    with pytest.raises(recipes.RecipeError, match="expected key=value"):
+        recipes.resolve("lungs", None, ["epochs"])
+    with pytest.raises(recipes.RecipeError, match="positive integer"):
+        recipes.resolve("lungs", None, ["epochs=0"])
+    with pytest.raises(recipes.RecipeError, match="not one of"):
+        recipes.resolve("lungs", None, ["schedule=step"])
+    with pytest.raises(recipes.RecipeError, match="did you mean 'classifier'"):
+        recipes.stage_spec("clasifier")
+    with pytest.raises(recipes.RecipeError, match="encoder_from"):
+        recipes.resolve("mapper_whole", None, [])
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("epochs: 2\nbatchsize: 4\n")
+    with pytest.raises(recipes.RecipeError, match=r"mine.yaml: unknown recipe key 'batchsize'.*'batch_size'"):
+        recipes.resolve("lungs", str(path))
+    with pytest.raises(recipes.RecipeError, match="not a recipe name"):
+        recipes.resolve("lungs", "tinny")
+
+
+def test_cli_reports_a_bad_key(capsys):
+    from pneumomap.cli import main
+
+    assert main(["train", "lungs", "--data", "x", "--out", "y", "--set", "lr_decai=0.5"]) == 2
+    assert "did you mean 'lr_decay'" in capsys.readouterr().err
+
+
+def test_schedule_decays_by_the_factor_per_epoch_smoothly():
+    assert lr_factor(0.0, 0.5) == 1.0
+    assert lr_factor(1.0, 0.5) == pytest.approx(0.5)
+    assert lr_factor(3.0, 0.75) == pytest.approx(0.75 ** 3)
+    assert 0.5 < lr_factor(0.5, 0.5) < 1.0
+    values = [lr_factor(t / 10, 0.5) for t in range(40)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert lr_factor(2.5, 0.5, "constant") == 1.0
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = make_scheduler(opt, {"lr": 1e-3, "min_lr": 0.0, "lr_decay": 0.5, "schedule": "cosine"}, steps_per_epoch=4)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+
+
+def test_losses():
+    logits, target = torch.tensor([3.0, -3.0]), torch.tensor([1.0, 0.0])
+    assert BinaryLoss()(logits, target) < BinaryLoss()(-logits, target)
+    assert BinaryLoss(gamma=2.0)(logits, target) < BinaryLoss()(logits, target)  # focal down-weights easy samples
+    weighted = BinaryLoss([1.0, 10.0])(torch.tensor([0.0, 0.0]), target)
+    assert weighted == pytest.approx(float(BinaryLoss()(torch.tensor([0.0, 0.0]), target)))  # both log(2)
+    assert MseMae()(torch.tensor([0.5]), torch.tensor([0.0])) == pytest.approx((0.25 + 0.5) / 2)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    assert Dice()(mask * 20 - 10, mask) < 0.01
+    with pytest.raises(ValueError, match="does not fit"):
+        make_loss({"loss": "ce", "target": "binary"})
+
+
+def test_flip_swaps_the_side_targets_and_mirrors_the_arrays():
+    image_r, image_l = np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros((2, 3), np.float32)
+    sample = {"image_right": image_r, "image_left": image_l, "target_right": np.float32(0.3),
+              "target_left": np.float32(0.1)}
+    flipped = augment.hflip(sample)
+    assert flipped["target_right"] == np.float32(0.1) and flipped["target_left"] == np.float32(0.3)
+    np.testing.assert_array_equal(flipped["image_left"], image_r[:, ::-1])
+    np.testing.assert_array_equal(flipped["image_right"], image_l)
+    whole = augment.hflip({"image": image_r, "target": image_r > 2})
+    np.testing.assert_array_equal(whole["target"], (image_r > 2)[:, ::-1])
+
+
+def test_rotation_moves_image_and_mask_alike():
+    image = -torch.ones(1, 32, 32)
+    image[:, 4:12, 14:18] = 1.0
+    mask = (image > 0).float()
+    rot_image, rot_mask = augment.rotate(image, mask, 90.0)
+    assert torch.equal(rot_mask > 0.5, rot_image > 0)
+    assert not torch.equal(rot_mask, mask)
+    assert rot_image.min() == -1.0  # uncovered corners filled with the darkest input value
