@@ -1,0 +1,520 @@
+"""Tune a pipeline's thresholds on validation data, over stored model outputs only.
+
+    pneumomap tune --pipeline pipeline.yaml --val RSNA_DIR --out tuned/pipeline.yaml [--target-tnr 0.99]
+
+1. Runs the networks once over the validation images (``--split`` of the RSNA folder) into ``--work``
+   (default: ``tune-work/`` beside the output), every gated node computed for every image
+   (`runner.RunOptions(ungated=True)`). When ``--work`` already holds every model output of these
+   images and checkpoints, no network runs at all: a re-tune takes seconds.
+2. Sets ``thresholds.classifier`` at the target true-negative rate on the validation negatives
+   (`metrics.threshold_at_tnr` on their stored probabilities), a policy rather than a search.
+3. Searches the other numbers by coordinate descent over small grids (a few rounds, until no step
+   helps): the extent thresholds, the over-estimation level threshold, dilate and raise for the low
+   and high levels, and the clip values (low, high, outside). Each step keeps the current value
+   unless a candidate lowers the metric, so the result is never worse than the start.
+   The metric is the mean map log loss exactly as `pneumomap score` reports it: the final 8-bit map
+   at the original image size (the op chain of the pipeline itself) against `score.truth_mask`, through
+   `metrics.map_log_loss` (class-balanced by default). Every op's output is memoised per image by what
+   it depends on (its parameters and its inputs' values/keys), so a step re-computes only the images and
+   ops it changes.
+4. Writes the tuned YAML: the input file byte for byte except its ``thresholds:`` block
+   (`spec.replace_thresholds`) and a header of ``# tune:`` comment lines (what was tuned, on which
+   data, the metric before and after, the date; a previous tune header is replaced). When the output
+   lives in another folder than the input, each relative ``checkpoint:`` value is rewritten to the
+   relative path from the new folder to the same directory (``os.path.relpath``), so it still resolves;
+   absolute paths are kept. Beside it: ``<out stem>.tune.json`` (metrics, thresholds before/after,
+   the curves) and the plots ``<out stem>-tune-plots/metric_vs_<parameter>.png`` (or ``--plots``).
+
+Python API: ``tune(pipeline_path, val_dir, out_path, ...) -> dict`` (the JSON's content).
+``thresholds.box`` (RSNA boxes) does not touch the map metric and is kept as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from pneumomap import metrics
+from pneumomap.fileio import atomic_write_text
+from pneumomap.infer import runner, spec
+from pneumomap.infer.runner import MISSING, evaluate_op
+from pneumomap.infer.spec import IMAGE, Pipeline
+
+HEADER = "# tune: "
+SCALAR_TYPES = ("bool", "choice", "level", "probability", "extent")
+DEFAULT_BUDGET = 1 << 30  # bytes of memoised intermediate maps
+
+
+class TuneError(RuntimeError):
+    """A problem with the tuning inputs (no images, no negatives, unresolvable checkpoints)."""
+
+
+# ----------------------------------------------------------------------------- search space
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One searched threshold: its path in the thresholds block and its candidate grid."""
+
+    path: tuple[str, ...]
+    grid: tuple[float, ...]
+    integer: bool = False
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
+
+
+_UNIT = tuple(round(float(v), 2) for v in np.linspace(0.0, 1.0, 21))
+_DILATE = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24)
+_RAISE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+AXES: tuple[Axis, ...] = (
+    Axis(("right_extent",), _UNIT),
+    Axis(("left_extent",), _UNIT),
+    Axis(("level",), _UNIT),
+    Axis(("overestimate", "low", "dilate"), _DILATE, True),
+    Axis(("overestimate", "low", "raise"), _RAISE),
+    Axis(("overestimate", "high", "dilate"), _DILATE, True),
+    Axis(("overestimate", "high", "raise"), _RAISE),
+    Axis(("clip", "low"), (1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 64), True),
+    Axis(("clip", "high"), (128, 160, 192, 215, 230, 240, 245, 250, 254, 255), True),
+    Axis(("clip", "outside"), (0, 1, 2, 3, 5, 10, 20), True),
+)
+CLASSIFIER = ("classifier",)
+
+
+def get_value(thresholds: dict, path: Sequence[str]) -> Any:
+    """The value at ``path`` in a nested thresholds block (KeyError when absent)."""
+    value: Any = thresholds
+    for key in path:
+        value = value[key]
+    return value
+
+
+def with_value(thresholds: dict, path: Sequence[str], value: Any) -> dict:
+    """A copy of ``thresholds`` with ``path`` set to ``value``."""
+    out = copy.deepcopy(thresholds)
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return out
+
+
+def has_path(thresholds: dict, path: Sequence[str]) -> bool:
+    try:
+        get_value(thresholds, path)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def candidates(axis: Axis, thresholds: dict) -> list:
+    """The grid plus the current value, sorted; clip.low never above clip.high and vice versa."""
+    cast = int if axis.integer else float
+    values = sorted({cast(v) for v in axis.grid} | {cast(get_value(thresholds, axis.path))})
+    if axis.path[0] == "clip" and has_path(thresholds, ("clip", "low")) and has_path(thresholds, ("clip", "high")):
+        if axis.path[1] == "low":
+            values = [v for v in values if v <= thresholds["clip"]["high"]]
+        elif axis.path[1] == "high":
+            values = [v for v in values if v >= thresholds["clip"]["low"]]
+    return values
+
+
+# ----------------------------------------------------------------------------- memoised evaluation
+
+
+class _LRU:
+    """Arrays by key, least recently used dropped beyond ``budget`` bytes."""
+
+    def __init__(self, budget: int):
+        self.items: OrderedDict = OrderedDict()
+        self.budget, self.size = budget, 0
+
+    def get(self, key: Any) -> Any:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: np.ndarray) -> None:
+        self.items[key] = value
+        self.size += value.nbytes
+        while self.size > self.budget and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.size -= old.nbytes
+
+
+def _params_keys(pipeline: Pipeline) -> dict[str, Any]:
+    """Per op node, a hashable form of its parameters (overestimate: per level, only that level's amounts)."""
+    keys: dict[str, Any] = {}
+    for node in pipeline.op_nodes:
+        if node.type == "overestimate":
+            keys[node.name] = {lvl: json.dumps(node.params.get(lvl), sort_keys=True) for lvl in ("low", "high")}
+        else:
+            keys[node.name] = json.dumps(node.params, sort_keys=True)
+    return keys
+
+
+class Evaluator:
+    """The map metric of any thresholds over stored model outputs, each op memoised per image.
+
+    A node's key is ``('=', value)`` for a known scalar (gate, choice, level, or None for a gated-out
+    map), ``('model', name)`` for a stored model output, else ``(name, params, input keys)``; scalars
+    are computed eagerly, maps only when the loss of their final map's key is not known yet.
+    """
+
+    def __init__(self, stored: list[dict], truth: Callable[[int], np.ndarray], weights: tuple[float, float] = (1.0, 1.0),
+                 budget: int = DEFAULT_BUDGET):
+        self.stored, self.truth_of, self.weights = stored, truth, weights
+        self.scalars: list[dict] = [{} for _ in stored]
+        self.arrays = _LRU(budget)
+        self.truths: dict[int, np.ndarray] = {}
+        self.evaluations = 0
+
+    def metric(self, pipeline: Pipeline) -> float:
+        """Mean map log loss over the images (as `pneumomap score` computes it)."""
+        self.evaluations += 1
+        params = _params_keys(pipeline)
+        return float(np.mean([self.loss(pipeline, i, params) for i in range(len(self.stored))]))
+
+    def loss(self, pipeline: Pipeline, i: int, params: dict[str, Any] | None = None) -> float:
+        keys = self.keys(pipeline, i, params or _params_keys(pipeline))
+        name = pipeline.outputs.map
+        memo = self.scalars[i]
+        loss_key = ("loss", keys[name])
+        if loss_key not in memo:
+            if i not in self.truths:
+                self.truths[i] = self.truth_of(i)
+            memo[loss_key] = metrics.map_log_loss(self.value(pipeline, i, keys, name), self.truths[i], *self.weights)
+        return memo[loss_key]
+
+    def final_map(self, pipeline: Pipeline, i: int) -> np.ndarray:
+        """The output map of image ``i`` (what `runner.postprocess` gives)."""
+        keys = self.keys(pipeline, i, _params_keys(pipeline))
+        return self.value(pipeline, i, keys, pipeline.outputs.map)
+
+    def keys(self, pipeline: Pipeline, i: int, params: dict[str, Any]) -> dict[str, tuple]:
+        scalars = self.scalars[i]
+        keys: dict[str, tuple] = {IMAGE: (IMAGE,)}
+        for node in pipeline.nodes.values():
+            if node.is_model:
+                gated = node.when is not None and not keys[node.when][1]
+                keys[node.name] = ("=", None) if gated else ("model", node.name)
+                continue
+            own = params[node.name]
+            if node.type == "overestimate":
+                level = keys[node.inputs[1]][1] if len(node.inputs) > 1 else "low"
+                own = own[level]
+            key = (node.name, own, tuple(keys[s] for s in node.inputs))
+            if key not in scalars and node.output in SCALAR_TYPES:
+                self.value(pipeline, i, keys, node.name, key)
+            keys[node.name] = ("=", scalars[key]) if key in scalars else key
+        return keys
+
+    def value(self, pipeline: Pipeline, i: int, keys: dict[str, tuple], name: str, key: tuple | None = None) -> Any:
+        key = keys[name] if key is None else key
+        if key[0] == "=":
+            return key[1]
+        if key[0] == "model" or key == (IMAGE,):
+            return self.stored[i][name]
+        if key in self.scalars[i]:
+            return self.scalars[i][key]
+        hit = self.arrays.get((i, key))
+        if hit is not None:
+            return hit
+        node = pipeline.nodes[name]
+        result = evaluate_op(node, {s: self.value(pipeline, i, keys, s) for s in node.inputs})
+        if isinstance(result, np.ndarray):
+            self.arrays.put((i, key), result)
+        else:
+            self.scalars[i][key] = result
+        return result
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass
+class Curve:
+    values: list
+    metrics: list[float]
+
+
+def sweep(evaluator: Evaluator, pipeline: Pipeline, thresholds: dict, path: Sequence[str], values: Sequence) -> Curve:
+    """The metric at each value of one threshold, the others as in ``thresholds`` (invalid values skipped)."""
+    kept, scores = [], []
+    for value in values:
+        try:
+            candidate = pipeline.with_thresholds(with_value(thresholds, path, value))
+        except spec.PipelineError:
+            continue
+        kept.append(value)
+        scores.append(evaluator.metric(candidate))
+    return Curve(kept, scores)
+
+
+def coordinate_descent(evaluator: Evaluator, pipeline: Pipeline, start: dict, axes: Sequence[Axis],
+                       rounds: int = 3, progress: bool = True) -> tuple[dict, float, dict[str, Curve]]:
+    """Minimise the metric one axis at a time over its grid; returns (thresholds, metric, last curve per axis)."""
+    from tqdm import tqdm
+
+    current = copy.deepcopy(start)
+    best = evaluator.metric(pipeline.with_thresholds(current))
+    curves: dict[str, Curve] = {}
+    for round_ in range(rounds):
+        changed = False
+        for axis in tqdm(axes, desc=f"tune round {round_ + 1}", unit="axis", disable=not progress, leave=False):
+            curve = sweep(evaluator, pipeline, current, axis.path, candidates(axis, current))
+            curves[axis.name] = curve
+            j = int(np.argmin(curve.metrics))
+            if curve.metrics[j] < best:
+                current, best, changed = with_value(current, axis.path, curve.values[j]), curve.metrics[j], True
+        if not changed:
+            break
+    return current, best, curves
+
+
+# ----------------------------------------------------------------------------- stored outputs
+
+
+def _failed_ids(work: Path) -> set[str]:
+    path = work / "failures.csv"
+    if not path.is_file():
+        return set()
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["image_id"] for row in csv.DictReader(handle)}
+
+
+def _complete(pipeline: Pipeline, stored: list[dict], expected: set[str]) -> bool:
+    have = {s["image_id"] for s in stored if all(s[n.name] is not MISSING for n in pipeline.model_nodes)}
+    return expected <= have
+
+
+def stored_outputs(pipeline: Pipeline, paths: list[Path], work: Path, options: runner.RunOptions
+                   ) -> tuple[list[dict], bool]:
+    """Every model output of ``paths`` (gated ones too), from ``work``; runs the networks only for what is
+    missing. Returns (outputs, whether the pipeline ran)."""
+    expected = {p.stem for p in paths} - _failed_ids(work)
+    stored = runner.load_outputs(pipeline, work, paths) if work.is_dir() else []
+    if _complete(pipeline, stored, expected):
+        return stored, False
+    runner.run(pipeline, paths, work, options)
+    stored = runner.load_outputs(pipeline, work, paths)
+    return [s for s in stored if all(s[n.name] is not MISSING for n in pipeline.model_nodes)], True
+
+
+def classifier_threshold(stored: list[dict], negatives: Sequence[bool], probability: str, target_tnr: float) -> float:
+    """`metrics.threshold_at_tnr` on the negatives' stored probabilities (at most 1.0)."""
+    scores = [float(s[probability]) for s, neg in zip(stored, negatives) if neg]
+    if not scores:
+        raise TuneError("no negative image among the tuning images: cannot set the classifier at a true-negative rate")
+    return min(metrics.threshold_at_tnr(scores, target_tnr), 1.0)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def strip_header(text: str) -> str:
+    """``text`` without a leading tune header (so a re-tune replaces it)."""
+    lines = text.splitlines(keepends=True)
+    n = 0
+    while n < len(lines) and lines[n].startswith(HEADER):
+        n += 1
+    return "".join(lines[n:])
+
+
+def relocate_checkpoints(text: str, pipeline: Pipeline, out_path: Path) -> str:
+    """Rewrite relative ``checkpoint:`` values so they resolve from ``out_path``'s folder (see module doc)."""
+    source, target = pipeline.path.parent.resolve(), out_path.parent.resolve()
+    if source == target:
+        return text
+    for body in pipeline.raw.get("nodes", {}).values():
+        value = body.get("checkpoint") if isinstance(body, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        new = os.path.relpath((source / value).resolve(), target)
+        pattern = re.compile(r"^(\s*checkpoint:\s*)(['\"]?)" + re.escape(value) + r"\2(\s*(#.*)?)$", re.M)
+        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{new}{m.group(2)}{m.group(3)}", text)
+    return text
+
+
+def write_tuned(pipeline: Pipeline, out_path: Path, thresholds: dict, header: list[str]) -> None:
+    """The tuned YAML (module doc, step 4); checks that it loads with the same checkpoints."""
+    text = strip_header(pipeline.path.read_text(encoding="utf-8"))
+    text = relocate_checkpoints(spec.replace_thresholds(text, thresholds), pipeline, out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_path, "".join(f"{HEADER}{line}\n" for line in header) + text)
+    tuned = spec.load(out_path)
+    moved = [n.name for n in tuned.model_nodes if n.checkpoint != pipeline.nodes[n.name].checkpoint]
+    if moved:
+        raise TuneError(f"{out_path}: checkpoints of {', '.join(moved)} no longer resolve to the same directory; "
+                        "write the tuned pipeline beside the original or use absolute checkpoint paths")
+
+
+def _header(result: dict) -> list[str]:
+    names = ", ".join(result["searched"])
+    return [
+        f"tuned by `pneumomap tune` on {result['date']}; only the thresholds block below was changed.",
+        f"classifier: at {result['target_tnr']:.4g} true-negative rate on {result['n_negatives']} validation negatives;",
+        f"searched (coordinate descent over grids): {names}.",
+        f"data: {result['val_dir']}, split {result['split'] or 'all'}, {result['n_images']} images; "
+        f"truth {result['truth_def']}, weights pos {result['weights'][0]:g} / neg {result['weights'][1]:g}.",
+        f"mean map log loss: {result['metric_before']:.5f} before (untuned thresholds) -> "
+        f"{result['metric_after']:.5f} after (at the TNR classifier, before the search: {result['metric_start']:.5f}).",
+        f"source: {result['pipeline']}; details: {Path(result['json']).name}",
+    ]
+
+
+def write_plots(result: dict, plots_dir: Path) -> list[Path]:
+    """One PNG per parameter: the metric against its value, before / after marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pneumomap.score import _save_figure
+
+    paths = []
+    for name, curve in result["curves"].items():
+        path = Path(plots_dir) / f"metric_vs_{name}.png"
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(curve["values"], curve["metrics"], "o-", ms=3)
+        before, after = result["parameters_before"][name], result["parameters_after"][name]
+        ax.axvline(before, ls=":", c="grey", label=f"before {before:.4g}")
+        ax.axvline(after, ls="--", c="red", label=f"after {after:.4g}")
+        ax.set(xlabel=name, ylabel="mean map log loss", title=f"map log loss vs {name}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save_figure(fig, path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the whole
+
+
+def _flat(thresholds: dict, paths: Sequence[Sequence[str]]) -> dict[str, Any]:
+    return {".".join(p): get_value(thresholds, p) for p in paths}
+
+
+def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *, target_tnr: float = 0.99,
+         split: str | None = "val", work: str | Path | None = None, plots: str | Path | None = None,
+         device: str = "auto", truth_def: str = "boxes_in_lungs", pos_weight: float = 1.0, neg_weight: float = 1.0,
+         rounds: int = 3, batch_size: int = 8, workers: int = 2, progress: bool = True) -> dict:
+    """Tune ``pipeline_path`` on ``val_dir`` (RSNA folder, ``split``; None = every image) into ``out_path``.
+
+    Returns what ``<out stem>.tune.json`` holds: metric_before/start/after, thresholds_before/after,
+    n_images, curves, the paths written, seconds.
+    """
+    from pneumomap import score
+    from pneumomap.labels import load_rsna
+
+    started = time.perf_counter()
+    pipeline_path, out_path = Path(pipeline_path), Path(out_path)
+    work = Path(work) if work else out_path.parent / "tune-work"
+    plots = Path(plots) if plots else out_path.parent / f"{out_path.stem}-tune-plots"
+    pipeline = spec.load(pipeline_path)
+    dataset = load_rsna(val_dir)
+    ids = score.select_ids(dataset, split)
+    options = runner.RunOptions(device=device, batch_size=batch_size, workers=workers, ungated=True, progress=progress)
+    stored, ran = stored_outputs(pipeline, [dataset.image_path(pid) for pid in ids], work, options)
+    if not stored:
+        raise TuneError(f"{val_dir}: no readable image in split {split!r}")
+    run_seconds = time.perf_counter() - started
+
+    def truth(i: int) -> np.ndarray:
+        size = stored[i][IMAGE]
+        return score.truth_mask(dataset, stored[i]["image_id"], (size.height, size.width), truth_def)
+
+    evaluator = Evaluator(stored, truth, (pos_weight, neg_weight))
+    negatives = [not dataset.target.get(s["image_id"], 0) for s in stored]
+    before = copy.deepcopy(pipeline.thresholds)
+    start = copy.deepcopy(before)
+    if has_path(before, CLASSIFIER):
+        start["classifier"] = classifier_threshold(stored, negatives, pipeline.outputs.probability, target_tnr)
+    axes = [a for a in AXES if has_path(before, a.path)]
+    metric_before = evaluator.metric(pipeline)
+    metric_start = evaluator.metric(pipeline.with_thresholds(start))
+    after, metric_after, curves = coordinate_descent(evaluator, pipeline, start, axes, rounds, progress)
+    if has_path(before, CLASSIFIER):
+        probs = [float(s[pipeline.outputs.probability]) for s in stored]
+        grid = sorted({round(float(q), 4) for q in np.quantile(probs, np.linspace(0, 1, 11))}
+                      | {after["classifier"], before["classifier"]})
+        curves["classifier"] = sweep(evaluator, pipeline, after, CLASSIFIER, grid)
+    paths = [a.path for a in axes] + ([CLASSIFIER] if has_path(before, CLASSIFIER) else [])
+    result = {
+        "metric_before": metric_before, "metric_start": metric_start, "metric_after": metric_after,
+        "thresholds_before": before, "thresholds_after": after,
+        "parameters_before": _flat(before, paths), "parameters_after": _flat(after, paths),
+        "searched": [a.name for a in axes], "n_images": len(stored), "n_negatives": int(sum(negatives)),
+        "n_failed": len(ids) - len(stored), "target_tnr": target_tnr, "split": split,
+        "val_dir": str(Path(val_dir).resolve()), "pipeline": str(pipeline_path.resolve()),
+        "out": str(out_path.resolve()), "json": str(out_path.with_suffix(".tune.json").resolve()),
+        "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
+        "truth_def": truth_def, "weights": [pos_weight, neg_weight], "rounds": rounds,
+        "evaluations": evaluator.evaluations,
+        "curves": {k: {"values": c.values, "metrics": c.metrics} for k, c in curves.items()},
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    write_tuned(pipeline, out_path, after, _header(result))
+    result["plot_files"] = [str(p) for p in write_plots(result, plots)]
+    result["seconds"] = {"run": round(run_seconds, 3), "total": round(time.perf_counter() - started, 3)}
+    atomic_write_text(Path(result["json"]), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pneumomap.score import DEFAULT_TRUTH_DEF, TRUTH_DEFS
+
+    parser.add_argument("--pipeline", required=True, type=Path, help="the pipeline.yaml to tune")
+    parser.add_argument("--val", required=True, type=Path, help="RSNA-format folder with the validation images and labels")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the tuned pipeline YAML")
+    parser.add_argument("--target-tnr", type=float, default=0.99,
+                        help="true-negative rate of the classifier gate on the validation negatives (default 0.99)")
+    parser.add_argument("--split", default="val", help="split of split.csv to tune on (default val; 'all' for every image)")
+    parser.add_argument("--work", type=Path, help="folder of the stored model outputs (default: tune-work/ beside --out)")
+    parser.add_argument("--plots", type=Path, help="folder of the metric-vs-parameter plots (default: beside --out)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (for the one network run)")
+    parser.add_argument("--truth-def", choices=TRUTH_DEFS, default=DEFAULT_TRUTH_DEF,
+                        help=f"opacity ground truth for the map metric (default {DEFAULT_TRUTH_DEF}, as score)")
+    parser.add_argument("--pos-weight", type=float, default=1.0, help="weight of the opacity-pixel term (as score)")
+    parser.add_argument("--neg-weight", type=float, default=1.0, help="weight of the clear-pixel term (as score)")
+    parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
+    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = tune(args.pipeline, args.val, args.out, target_tnr=args.target_tnr,
+                      split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
+                      device=args.device, truth_def=args.truth_def, pos_weight=args.pos_weight,
+                      neg_weight=args.neg_weight, rounds=args.rounds, batch_size=args.batch_size,
+                      workers=args.workers)
+    except (TuneError, runner.RunError, ValueError, OSError) as error:  # PipelineError, SubmissionError are ValueErrors
+        print(f"pneumomap tune: error: {error}", file=sys.stderr)
+        return 1
+    print(f"tuned on {result['n_images']} images ({'networks ran' if result['ran_networks'] else 'stored outputs'}, "
+          f"{result['evaluations']} evaluations, {result['seconds']['total']:.1f} s)")
+    print(f"mean map log loss: {result['metric_before']:.5f} before -> {result['metric_after']:.5f} after")
+    for name, value in result["parameters_after"].items():
+        old = result["parameters_before"][name]
+        print(f"  {name:<28} {old!s:>12} -> {value}")
+    print(f"wrote {result['out']}\nwrote {result['json']}\nwrote {len(result['plot_files'])} plots in {result['plots']}")
+    return 0

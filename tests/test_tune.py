@@ -1,0 +1,150 @@
+"""pneumomap tune on the tiny random-weight pipeline and a few phantoms (CPU, one network run)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumomap import metrics, score
+from pneumomap.cli import main as cli_main
+from pneumomap.infer import runner, spec, tune
+from pneumomap.infer.tiny import write_pipeline
+from pneumomap.labels import load_rsna
+from pneumomap.synth import generate
+
+FAST = dict(split=None, target_tnr=0.5, device="cpu", workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> dict:
+    """12 phantoms, the tiny pipeline, one tune (the gate at 50% TNR so that maps matter)."""
+    root = tmp_path_factory.mktemp("tune")
+    generate(root / "rsna", 12, seed=2, size=64)
+    pipeline = write_pipeline(root / "pipe")
+    out = pipeline.parent / "tuned.yaml"  # beside P: checkpoint paths stay as they are
+    result = tune.tune(pipeline, root / "rsna", out, **FAST)
+    return {"root": root, "pipeline": pipeline, "out": out, "result": result, "work": Path(result["work"])}
+
+
+def _artifact_files(work: Path) -> set[str]:
+    return {str(p.relative_to(work)) for p in (work / ".artifacts").rglob("*") if p.is_file()}
+
+
+def _no_network(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network was loaded")
+
+    monkeypatch.setattr(runner, "load_models", refuse)
+
+
+def test_tuned_yaml_differs_only_in_thresholds_and_has_a_header(tuned):
+    result, text = tuned["result"], tuned["out"].read_text()
+    header = [line for line in text.splitlines() if line.startswith(tune.HEADER)]
+    body = tune.strip_header(text)
+    assert len(header) >= 4 and text.startswith(tune.HEADER)
+    assert body == spec.replace_thresholds(tuned["pipeline"].read_text(), result["thresholds_after"])
+    joined = "\n".join(header)
+    assert f"{result['metric_before']:.5f}" in joined and f"{result['metric_after']:.5f}" in joined
+    assert "12 images" in joined and "rsna" in joined and "pneumomap tune" in joined
+    loaded = spec.load(tuned["out"])
+    assert loaded.thresholds == result["thresholds_after"]
+    original = spec.load(tuned["pipeline"])
+    assert [n.checkpoint for n in loaded.model_nodes] == [n.checkpoint for n in original.model_nodes]
+
+
+def test_search_never_worse_and_metric_agrees_with_score(tuned, tmp_path):
+    result = tuned["result"]
+    assert result["metric_after"] <= result["metric_start"]
+    assert result["metric_after"] < result["metric_before"]  # random maps: clipping/raising always helps
+    for name, curve in result["curves"].items():
+        if name != "classifier":
+            assert min(curve["metrics"]) >= result["metric_after"] - 1e-12, name
+    # the untuned maps the one network run wrote score as the tuner said
+    assert score.score_submission(tuned["work"], tuned["root"] / "rsna")["map_log_loss"] == \
+        pytest.approx(result["metric_before"], rel=1e-12)
+    # an inference run with the tuned YAML (from the stored outputs) scores what the tuner reported
+    copy = tmp_path / "run"
+    shutil.copytree(tuned["work"], copy)
+    runner.run(spec.load(tuned["out"]), [p for p in (tuned["root"] / "rsna" / "stage_2_train_images").glob("*.dcm")],
+               copy, runner.RunOptions(device="cpu", workers=1, progress=False))
+    assert score.score_submission(copy, tuned["root"] / "rsna")["map_log_loss"] == \
+        pytest.approx(result["metric_after"], rel=1e-12)
+
+
+def test_classifier_threshold_is_at_the_target_tnr(tuned):
+    pipeline = spec.load(tuned["pipeline"])
+    dataset = load_rsna(tuned["root"] / "rsna")
+    stored = runner.load_outputs(pipeline, tuned["work"], [dataset.image_path(pid) for pid in dataset.ids])
+    negatives = [float(s["classifier"]) for s in stored if not dataset.target[s["image_id"]]]
+    assert tuned["result"]["thresholds_after"]["classifier"] == metrics.threshold_at_tnr(negatives, 0.5)
+    assert tuned["result"]["n_negatives"] == len(negatives) > 0
+
+
+def test_retune_runs_no_network_and_adds_no_artifact(tuned, monkeypatch, tmp_path):
+    before = _artifact_files(tuned["work"])
+    _no_network(monkeypatch)
+    out = tmp_path / "elsewhere" / "deeper" / "tuned.yaml"  # another folder: checkpoint paths are rewritten
+    result = tune.tune(tuned["out"], tuned["root"] / "rsna", out, work=tuned["work"], **FAST)
+    assert not result["ran_networks"]
+    assert _artifact_files(tuned["work"]) == before
+    assert result["metric_before"] == pytest.approx(tuned["result"]["metric_after"], rel=1e-12)
+    assert result["metric_after"] <= result["metric_before"]
+    text = out.read_text()
+    assert text.count("# tune: tuned by") == 1  # the previous header was replaced
+    original = spec.load(tuned["pipeline"])
+    assert [n.checkpoint for n in spec.load(out).model_nodes] == [n.checkpoint for n in original.model_nodes]
+    assert "checkpoint: ../../" in text
+
+
+def test_plots_and_json(tuned):
+    result = tuned["result"]
+    names = set(result["searched"]) | {"classifier"}
+    assert {"right_extent", "level", "overestimate.high.raise", "clip.low", "clip.outside"} <= names
+    plots = {Path(p).name for p in result["plot_files"]}
+    assert plots == {f"metric_vs_{n}.png" for n in names}
+    for path in result["plot_files"]:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(tuned["out"].with_suffix(".tune.json").read_text())
+    for key in ("metric_before", "metric_after", "thresholds_before", "thresholds_after", "n_images"):
+        assert saved[key] == result[key]
+    assert saved["n_images"] == 12
+
+
+def test_memoised_maps_equal_postprocess(tuned):
+    pipeline = spec.load(tuned["pipeline"])
+    dataset = load_rsna(tuned["root"] / "rsna")
+    stored = runner.load_outputs(pipeline, tuned["work"], [dataset.image_path(pid) for pid in dataset.ids])
+    evaluator = tune.Evaluator(stored, lambda i: None, budget=1)  # tiny budget: recomputation works too
+    variants = [pipeline.thresholds, tuned["result"]["thresholds_after"],
+                {**tuned["result"]["thresholds_after"], "classifier": 0.0, "level": 0.0}]
+    for thresholds in variants * 2:
+        candidate = pipeline.with_thresholds(thresholds)
+        for i, one in enumerate(stored):
+            expected = runner.postprocess(candidate, one)[candidate.outputs.map]
+            assert np.array_equal(evaluator.final_map(candidate, i), expected)
+
+
+def test_candidates_keep_the_current_value_and_clip_order():
+    thresholds = {"clip": {"low": 13, "high": 200, "outside": 1}, "level": 0.33}
+    axes = {a.name: a for a in tune.AXES}
+    assert 0.33 in tune.candidates(axes["level"], thresholds)
+    assert max(tune.candidates(axes["clip.low"], thresholds)) <= 200 and 13 in tune.candidates(axes["clip.low"], thresholds)
+    assert min(tune.candidates(axes["clip.high"], thresholds)) >= 13
+
+
+def test_cli(tuned, monkeypatch, tmp_path, capsys):
+    _no_network(monkeypatch)
+    out = tuned["out"].parent / "cli.yaml"
+    args = ["tune", "--pipeline", str(tuned["pipeline"]), "--val", str(tuned["root"] / "rsna"), "--out", str(out),
+            "--split", "all", "--target-tnr", "0.5", "--device", "cpu", "--plots", str(tmp_path / "plots"),
+            "--work", str(tuned["work"])]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "stored outputs" in printed and str(out.resolve()) in printed
+    assert (tmp_path / "plots" / "metric_vs_clip.low.png").is_file()
+    assert cli_main(["tune", "--pipeline", str(tuned["pipeline"]), "--val", str(tmp_path / "nothing"),
+                     "--out", str(out)]) == 1
+    assert "pneumomap tune: error" in capsys.readouterr().err
