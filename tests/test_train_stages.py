@@ -129,3 +129,15 @@ def test_training_runs_plug_into_a_pipeline(trained, tmp_path):
     nodes = {node.name: node for node in pipeline.model_nodes}
     for stage in ("classifier", "regressor_right", "regressor_left"):
         assert load_stage(nodes[stage].checkpoint).kind == recipes.STAGES[stage].kind
+
+
+def test_three_class_target(data, tmp_path):
+    summary = run("classifier", data, tmp_path / "three", "epochs=1", "target=three_class", "loss=focal")
+    model = load_stage(Path(summary["out"]) / "best")
+    assert model.config.n_classes == 3
+    assert "val_auc" in summary["history"][-1]  # AUC of p(Lung Opacity) against Target
+
+
+def test_early_stopping(data, tmp_path):
+    summary = run("regressor_right", data, tmp_path / "stop", "epochs=5", "lr=0", "patience=1")
+    assert summary["epochs"] == 2 and summary["best_epoch"] == 1  # lr 0: nothing improves after epoch 1

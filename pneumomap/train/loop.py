@@ -127,7 +127,9 @@ def evaluate(task: Task, loader, device, recipe) -> dict:
     channels_last = recipe["channels_last"] and device.type == "cuda"
     total, count = 0.0, 0
     parts: dict[str, list[torch.Tensor]] = {"index": []}
+    skipped = 0
     for batch in tqdm(loader, desc="val", leave=False, disable=not ddp.is_main()):
+        skipped += batch["skipped"]
         if "image" not in batch:
             continue
         images = to_device(batch["image"], device, channels_last)
@@ -143,7 +145,7 @@ def evaluate(task: Task, loader, device, recipe) -> dict:
     gathered = {k: ddp.gather(torch.cat(v) if v else torch.zeros(0)).numpy() for k, v in parts.items()}
     _, first = np.unique(gathered.pop("index"), return_index=True)  # DistributedSampler pads with repeats
     results = {k: v[first] for k, v in gathered.items()}
-    return {"loss": ddp.mean(total / max(count, 1), count), **task.summarise(results)}
+    return {"loss": ddp.mean(total / max(count, 1), count), "skipped": skipped, **task.summarise(results)}
 
 
 # ---------------------------------------------------------------- the run
@@ -188,9 +190,10 @@ def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict
                                           desc=f"epoch {epoch + 1}/{recipe['epochs']}")
         ddp.sync_buffers(model)
         val = evaluate(task, val_loader, device, recipe)
+        skipped += skipped_at_start + val.pop("skipped")
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val.pop("loss"),
                   **{f"val_{k}": v for k, v in val.items()},
-                  "skipped": skipped_at_start + skipped, "seconds": round(time.perf_counter() - started, 2)}
+                  "skipped": skipped, "seconds": round(time.perf_counter() - started, 2)}
         value = record[f"val_{spec.metric}"]
         improved = _improved(value, state["best"], spec.higher_is_better)
         if improved:
