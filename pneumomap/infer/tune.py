@@ -79,7 +79,7 @@ class Axis:
 
 _UNIT = tuple(round(float(v), 2) for v in np.linspace(0.0, 1.0, 21))
 _DILATE = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24)
-_RAISE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+_RAISE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
 AXES: tuple[Axis, ...] = (
     Axis(("right_extent",), _UNIT),
     Axis(("left_extent",), _UNIT),
@@ -88,7 +88,7 @@ AXES: tuple[Axis, ...] = (
     Axis(("overestimate", "low", "raise"), _RAISE),
     Axis(("overestimate", "high", "dilate"), _DILATE, True),
     Axis(("overestimate", "high", "raise"), _RAISE),
-    Axis(("clip", "low"), (1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 64), True),
+    Axis(("clip", "low"), (1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 64, 90, 128), True),
     Axis(("clip", "high"), (128, 160, 192, 215, 230, 240, 245, 250, 254, 255), True),
     Axis(("clip", "outside"), (0, 1, 2, 3, 5, 10, 20), True),
 )
