@@ -199,3 +199,34 @@ def test_bad_checkpoint_or_output_fails_before_any_image(tiny, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(runner.RunError, match="cannot write there"):
         runner.run(tiny["pipeline"], tiny["images"], tmp_path / "file" / "out", RunOptions(**FAST))
+
+
+class _CountingList(list):
+    """A path list that counts how many of its entries have been taken (submitted to a worker)."""
+
+    taken = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            self.taken += 1
+            yield item
+
+
+def test_decode_ahead_is_bounded_ordered_and_isolates_errors(tiny):
+    """Workers never run more than `ahead` images ahead of the consumer (memory stays flat)."""
+    paths = sorted(str(p) for p in tiny["images"].iterdir())
+    counting = _CountingList(paths * 3)  # 21 entries, the corrupt file among them
+    decoded = runner.decode_ahead(counting, ((64, 64),), workers=2, ahead=4)
+    got = []
+    for _ in range(5):
+        got.append(next(decoded))
+        assert counting.taken <= len(got) + 4
+    got.extend(decoded)
+    assert counting.taken == len(counting) == len(got)
+    from pneumomap.stages.reader import UnreadableImageError
+
+    for path, (image, inputs) in zip(counting, got):
+        if "corrupt" in path:
+            assert isinstance(image, UnreadableImageError) and inputs == {}
+        else:
+            assert image.meta.path == path and inputs[("whole", (64, 64))].shape == (64, 64)

@@ -3,10 +3,12 @@
 Per chunk of ``batch_size`` images (input order) the nodes run in topological order: a
 model node once over the images that need it (those whose stored output is missing and,
 for ``when: GATE`` nodes, that the gate passed), an op once per image. Decoding (and the
-whole-image resize/normalise) runs ahead in worker processes (`reader.map_images`), so it
-overlaps the networks. Each classifier/regressor encoder runs once per image: its features
-feed its own head and every mapper that decodes it (a mapper only recomputes them when its
-source's output came from the store). CUDA: AMP + channels_last; CPU: channels_last.
+whole-image resize/normalise) runs ahead in worker processes (`decode_ahead`: at most two
+batches ahead, so memory stays flat however long the input list), overlapping the networks.
+Each classifier/regressor encoder runs once per image: its features feed its own head and
+every mapper that decodes it (a mapper only recomputes them when its source's output came
+from the store). CUDA: AMP + channels_last; CPU: channels_last. Nothing per image outlives
+its chunk except its `writers.Record` (the few formatted cells of the final tables).
 
 Python API::
 
@@ -22,21 +24,22 @@ outputs unchanged) and then `postprocess` as often as it likes. Sharding, parts 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from pneumomap.infer import artifacts as art
 from pneumomap.infer import shard as sharding
 from pneumomap.infer import writers
 from pneumomap.infer.ops import OPS, Lungs
 from pneumomap.infer.spec import IMAGE, Node, Pipeline, load
+
+if TYPE_CHECKING:  # torch is imported where it is used: the decode workers import this module without it
+    import torch
 
 MISSING = object()  # a gated model output that was never computed
 
@@ -177,7 +180,54 @@ def _prepare(image: Any, sizes: tuple[tuple[int, int], ...]) -> tuple[Any, dict]
 
     if isinstance(image, UnreadableImageError):
         return image, {}
-    return image, {("whole", s): to_model_input(image.pixels, s) for s in sizes}
+    try:
+        return image, {("whole", s): to_model_input(image.pixels, s) for s in sizes}
+    except Exception as exc:  # e.g. pixels no model can take: isolate the image, like a read error
+        return UnreadableImageError(image.meta.path, f"preprocessing: {type(exc).__name__}: {exc}"), {}
+
+
+def _decode(path: str, sizes: tuple[tuple[int, int], ...]) -> tuple[Any, dict]:
+    """Worker side: read one image (or its error) and prepare its whole-image inputs."""
+    from pneumomap.stages.reader import read_image
+
+    return _prepare(_read_or_error(read_image, path), sizes)
+
+
+def decode_ahead(paths: list[str], sizes: tuple[tuple[int, int], ...], workers: int, ahead: int
+                 ) -> Iterator[tuple[Any, dict]]:
+    """`_decode` of each path, in input order, in ``workers`` processes, at most ``ahead`` images in flight.
+
+    Bounded prefetch: a new image is submitted only when one is taken, so the workers never run
+    more than ``ahead`` images ahead of the consumer and memory does not grow with the input
+    list (joblib's generator keeps dispatching as tasks finish, whether or not they are consumed).
+    The pool is joblib's (loky) reusable executor: the same worker processes serve later runs.
+    """
+    if workers <= 1 or len(paths) <= 1:
+        for path in paths:
+            yield _decode(path, sizes)
+        return
+    from collections import deque
+
+    from joblib.externals.loky import get_reusable_executor
+
+    executor = get_reusable_executor(max_workers=workers, timeout=300)  # joblib's idle timeout, not loky's 10 s
+    pending: deque = deque()
+    queue = iter(paths)
+    try:
+        for path in queue:
+            pending.append(executor.submit(_decode, path, sizes))
+            if len(pending) >= max(ahead, 1):
+                break
+        while pending:
+            result = pending.popleft().result()
+            for path in queue:  # refill one
+                pending.append(executor.submit(_decode, path, sizes))
+                break
+            yield result
+            del result
+    finally:
+        for future in pending:  # consumer stopped early (error, interrupt): drop what is queued
+            future.cancel()
 
 
 # ----------------------------------------------------------------------------- models
@@ -185,6 +235,8 @@ def _prepare(image: Any, sizes: tuple[tuple[int, int], ...]) -> tuple[Any, dict]
 
 def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> dict[str, Any]:
     """Load the stages of ``names`` (and the encoders their mappers decode); errors before any image."""
+    import torch
+
     from pneumomap.stages.base import load_stage
 
     wanted = set(names) | {pipeline.nodes[n].inputs[0] for n in names if pipeline.nodes[n].type == "mapper"}
@@ -337,11 +389,15 @@ class _Runner:
         return st.inputs[key]
 
     def batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        import torch
+
         from pneumomap.device import to_device
 
         return to_device(torch.from_numpy(np.stack(arrays)[:, None]), self.device)
 
     def compute(self, node: Node, states: list[_State]) -> list[np.ndarray]:
+        import torch
+
         from pneumomap.device import autocast
 
         stage = self.models[node.name]
@@ -362,6 +418,8 @@ class _Runner:
 
     def features(self, source: Node, states: list[_State], x: torch.Tensor) -> list[torch.Tensor]:
         """The source encoder's features of ``states`` (computed now for those that have none)."""
+        import torch
+
         todo = [i for i, st in enumerate(states) if source.name not in st.features]
         if todo:
             fresh = self.models[source.name].encode(x[todo])
@@ -426,7 +484,6 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     a checkpoint, the inputs or the output folder is unusable.
     """
     from pneumomap.device import resolve_device
-    from pneumomap.stages.reader import map_images
 
     options = options or RunOptions()
     pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
@@ -451,8 +508,10 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     runner.models = load_models(pipeline, needed, device)
     runner.whole_sizes = tuple(sorted({tuple(m.input_size) for n, m in runner.models.items()
                                        if pipeline.nodes[n].type in ("lungs", "classifier")}))
-    decoded = map_images(functools.partial(_prepare, sizes=runner.whole_sizes), [i.path for i in decode],
-                         n_jobs=max(1, options.workers))
+    batch_size = max(1, options.batch_size)
+    # decode ahead: the chunk being computed plus the next one (bounded, see decode_ahead)
+    decoded = decode_ahead([i.path for i in decode], runner.whole_sizes, options.workers,
+                           ahead=2 * batch_size + max(0, options.workers))
     ahead = {item.index for item in decode}
     setup = time.perf_counter() - started  # listing, hashing checkpoints, planning, loading models
     from tqdm import tqdm
@@ -460,7 +519,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     bar = tqdm(total=len(items), initial=len(records), unit="img", desc="infer", disable=not options.progress,
                dynamic_ncols=True)
     with contextlib.closing(bar):
-        for chunk in _chunks(todo, max(1, options.batch_size)):
+        for chunk in _chunks(todo, batch_size):
             states = [_State(item) for item in chunk]
             start = time.perf_counter()
             for st in states:
