@@ -1,15 +1,26 @@
 """pneumomap infer against a naive per-image loop, on the same images and weights (issue 4, item 9).
 
-  .venv/bin/python benchmarks/infer_speed.py [--n 16] [--size 1024] [--memory 100,1000] [--out runs/bench]
+  .venv/bin/python benchmarks/infer_speed.py [--n 16] [--size 1024] [--repeats 2] [--memory 100,1000]
+                                             [--skip-speed] [--out runs/bench_infer]
 
 (a) `pneumomap.infer.runner.run` with the default pipeline.yaml's architecture (random weights,
     EfficientNet-B4 everywhere), the gate's threshold at the median classifier probability so
-    that about half of the images pass (the fraction is printed), no stored artifacts;
+    that about half of the images pass (the fraction is printed), no stored artifacts, batch 8,
+    2 decode workers;
 (b) a naive loop as a notebook would write it: each image read in the main process, every
     network run separately at batch size 1 in NCHW, each mapper with its own encoder, no gate.
-Both write the same kind of maps. Also printed: the sum of the pure forward times of the
-networks (a) needs (same batches, tensors ready), hence (a)'s overhead; and the peak RSS of
-`pneumomap infer` with the tiny pipeline at each --memory image count.
+Both write the same kind of maps. Also timed: the sum of the pure forward times of the
+networks (a) needs (same batch size, channels_last, tensors ready, each encoder once, mappers
+on the positives only), hence (a)'s overhead = t(a) / t(pure) - 1.
+
+Honest side by side: the same images and weights; model loading excluded on both sides ((b)
+and the pure forwards load before the clock starts, (a)'s setup_seconds are subtracted); one
+warm-up of each before timing (it also starts (a)'s decode workers); then ``--repeats`` rounds
+of (a), (b), pure in turn, so that a change of the machine's load hits all three alike; the
+medians and each round's ratios are printed with /proc/loadavg.
+
+Memory: the peak RSS (VmHWM) of one `pneumomap infer` process with the tiny pipeline at each
+--memory image count (decode workers excluded).
 """
 from __future__ import annotations
 
@@ -32,15 +43,28 @@ from pneumomap.infer.ops import Lungs  # noqa: E402
 from pneumomap.infer.tiny import write_inputs, write_pipeline  # noqa: E402
 
 
-def naive(pipeline: spec.Pipeline, paths: list[Path], out: Path) -> float:
-    """Per image, per network, batch 1, NCHW, no shared encoders, no gate, no workers."""
-    from pneumomap.fileio import write_png
+def loadavg() -> str:
+    """The first three fields of /proc/loadavg (1, 5, 15 minutes): how busy the shared machine was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def naive_models(pipeline: spec.Pipeline) -> dict:
+    """The notebook's models: each stage loaded on its own (mappers keep their own encoder copy), NCHW."""
     from pneumomap.stages.base import load_stage
+
+    return {n.name: load_stage(n.checkpoint).eval() for n in pipeline.model_nodes}
+
+
+def naive(pipeline: spec.Pipeline, models: dict, paths: list[Path], out: Path) -> float:
+    """Per image, per network, batch 1, NCHW, no shared encoders, no gate, no workers (models already loaded)."""
+    from pneumomap.fileio import write_png
     from pneumomap.stages.lungs import lung_half_inputs
     from pneumomap.stages.preprocess import to_model_input
     from pneumomap.stages.reader import read_image
 
-    models = {n.name: load_stage(n.checkpoint).eval() for n in pipeline.model_nodes}  # mappers keep their own encoder
     start = time.perf_counter()
     for path in paths:
         image = read_image(path)
@@ -61,11 +85,11 @@ def naive(pipeline: spec.Pipeline, paths: list[Path], out: Path) -> float:
     return time.perf_counter() - start
 
 
-def pure_forward(pipeline: spec.Pipeline, n: int, positives: int, batch: int) -> float:
-    """Seconds of the forward passes alone for the work (a) does: each encoder once, mappers on positives."""
-    from pneumomap.infer.runner import load_models
+def pure_forward(models: dict, n: int, positives: int, batch: int) -> float:
+    """Seconds of the forward passes alone for the work (a) does: each encoder once, mappers on positives.
 
-    models = load_models(pipeline, {m.name for m in pipeline.model_nodes}, torch.device("cpu"))
+    ``models``: `runner.load_models` (channels_last, shared encoders), tensors ready in memory.
+    """
     total = 0.0
 
     def timed(fn, *args):
@@ -110,43 +134,21 @@ def peak_rss(pipeline: Path, images: Path, out: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=16, help="images for the speed comparison")
-    parser.add_argument("--size", type=int, default=1024, help="phantom image size")
+    parser.add_argument("--n", type=int, default=16, help="images for the speed comparison (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=1024, help="phantom image size (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds, each (a), (b), pure forward in turn; "
+                        "the medians are reported (default: %(default)s)")
     parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
+    parser.add_argument("--skip-speed", action="store_true", help="only the peak-RSS check")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
-
-    images = write_inputs(out / "data", n=args.n, size=args.size, corrupt=False)
-    paths = sorted(images.iterdir())
-    path = write_pipeline(out / "full", tiny=False)
-    pipeline = spec.load(path)
-    # gate at the median probability: about half of the images pass
-    probe = runner.run(pipeline.with_thresholds({**pipeline.thresholds, "classifier": 1.0}), images,
-                       out / "probe", runner.RunOptions(progress=False, batch_size=args.batch_size))
-    probs = sorted(float(l.split(",")[1]) for l in (out / "probe" / "predictions.csv").read_text().splitlines()[1:])
-    threshold = float(np.median(probs))
-    pipeline = pipeline.with_thresholds({**pipeline.thresholds, "classifier": threshold})
-
-    summary = runner.run(pipeline, images, out / "pneumomap",
-                         runner.RunOptions(artifacts=False, progress=False, batch_size=args.batch_size, workers=2))
-    t_pm = summary["wall_seconds"] - summary["setup_seconds"]  # model loading excluded, as for the naive loop
-    positives = summary["computed"]["mapper_whole"]
-    t_naive = naive(pipeline, paths, out / "naive")
-    t_pure = pure_forward(pipeline, len(paths), positives, args.batch_size)
-    result = {
-        "images": len(paths), "size": args.size, "torch_threads": torch.get_num_threads(),
-        "gate_pass_fraction": round(positives / len(paths), 3),
-        "probe_seconds": probe["wall_seconds"],
-        "pneumomap_seconds": round(t_pm, 2), "pneumomap_setup_seconds": summary["setup_seconds"], "pneumomap_images_per_second": round(len(paths) / t_pm, 3),
-        "naive_seconds": round(t_naive, 2), "naive_images_per_second": round(len(paths) / t_naive, 3),
-        "speedup": round(t_naive / t_pm, 2),
-        "pure_forward_seconds": round(t_pure, 2), "overhead": round(t_pm / t_pure - 1, 3),
-        "pneumomap_seconds_per_node": summary["seconds"],
-    }
+    result: dict = {"loadavg_start": loadavg(), "torch_threads": torch.get_num_threads()}
+    if not args.skip_speed:
+        result.update(speed(args, out))
     counts = [int(c) for c in args.memory.split(",") if c]
     if counts:
         tiny_pipe = write_pipeline(out / "tiny", tiny=True, thresholds={"classifier": 0.0})
@@ -162,9 +164,65 @@ def main() -> int:
         result["peak_rss_mib"] = rss
         if len(counts) >= 2:
             result["rss_growth"] = round(rss[counts[-1]] / rss[counts[0]] - 1, 3)
+    result["loadavg_end"] = loadavg()
     print(json.dumps(result, indent=2))
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def speed(args: argparse.Namespace, out: Path) -> dict:
+    """(a) vs (b) vs pure forward, interleaved ``--repeats`` times after a warm-up of each."""
+    images = write_inputs(out / "data", n=args.n, size=args.size, corrupt=False)
+    paths = sorted(images.iterdir())
+    path = write_pipeline(out / "full", tiny=False)
+    pipeline = spec.load(path)
+    options = runner.RunOptions(artifacts=False, progress=False, batch_size=args.batch_size, workers=2)
+    # gate at the median probability: about half of the images pass (this run also starts the decode workers)
+    probe = runner.run(pipeline.with_thresholds({**pipeline.thresholds, "classifier": 1.0}), images,
+                       out / "probe", options)
+    probs = sorted(float(l.split(",")[1]) for l in (out / "probe" / "predictions.csv").read_text().splitlines()[1:])
+    threshold = float(np.median(probs))
+    pipeline = pipeline.with_thresholds({**pipeline.thresholds, "classifier": threshold})
+
+    # models loaded once, outside every timed region; (a) loads its own inside run(), and its
+    # setup_seconds (listing, checkpoint hashes, model loading) are subtracted from its wall time
+    models_b = naive_models(pipeline)
+    models_pure = runner.load_models(pipeline, {m.name for m in pipeline.model_nodes}, torch.device("cpu"))
+    warm = paths[:args.batch_size]  # warm-up: one batch through (a), one image through (b), one batch of pure
+    runner.run(pipeline, warm, out / "warm_a", options)
+    naive(pipeline, models_b, warm[:1], (out / "warm_b").resolve())
+    pure_forward(models_pure, len(warm), len(warm), args.batch_size)
+
+    rounds = []
+    for r in range(args.repeats):
+        load = loadavg()
+        shutil.rmtree(out / "pneumomap", ignore_errors=True)
+        summary = runner.run(pipeline, images, out / "pneumomap", options)
+        t_pm = summary["wall_seconds"] - summary["setup_seconds"]
+        positives = summary["computed"]["mapper_whole"]
+        t_naive = naive(pipeline, models_b, paths, out / "naive")
+        t_pure = pure_forward(models_pure, len(paths), positives, args.batch_size)
+        rounds.append({"loadavg": load, "pneumomap_seconds": round(t_pm, 2), "naive_seconds": round(t_naive, 2),
+                       "pure_forward_seconds": round(t_pure, 2), "speedup": round(t_naive / t_pm, 2),
+                       "overhead": round(t_pm / t_pure - 1, 3), "gate_pass_fraction": round(positives / len(paths), 3),
+                       "pneumomap_setup_seconds": summary["setup_seconds"],
+                       "pneumomap_seconds_per_node": summary["seconds"]})
+        print(json.dumps({k: v for k, v in rounds[-1].items() if k != "pneumomap_seconds_per_node"}), flush=True)
+
+    def median(key: str) -> float:
+        return float(np.median([r[key] for r in rounds]))
+
+    t_pm, t_naive, t_pure = median("pneumomap_seconds"), median("naive_seconds"), median("pure_forward_seconds")
+    return {
+        "images": len(paths), "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
+        "gate_threshold": threshold, "gate_pass_fraction": rounds[-1]["gate_pass_fraction"],
+        "probe_seconds": probe["wall_seconds"],
+        "pneumomap_seconds": t_pm, "pneumomap_images_per_second": round(len(paths) / t_pm, 3),
+        "naive_seconds": t_naive, "naive_images_per_second": round(len(paths) / t_naive, 3),
+        "pure_forward_seconds": t_pure,
+        "speedup_median": median("speedup"), "overhead_median": median("overhead"),
+        "rounds": rounds,
+    }
 
 
 if __name__ == "__main__":
