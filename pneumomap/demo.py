@@ -34,8 +34,8 @@ REPOSITORY_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", type=Path, help="working folder (default: %(default)s)")
-    parser.add_argument("--n", type=int, default=200, help="phantom images (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=256, help="phantom image size in pixels (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=400, help="phantom images (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=128, help="phantom image size in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantom set (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
