@@ -24,6 +24,7 @@ outputs unchanged) and then `postprocess` as often as it likes. Sharding, parts 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -186,48 +187,13 @@ def _prepare(image: Any, sizes: tuple[tuple[int, int], ...]) -> tuple[Any, dict]
         return UnreadableImageError(image.meta.path, f"preprocessing: {type(exc).__name__}: {exc}"), {}
 
 
-def _decode(path: str, sizes: tuple[tuple[int, int], ...]) -> tuple[Any, dict]:
-    """Worker side: read one image (or its error) and prepare its whole-image inputs."""
-    from pneumomap.stages.reader import read_image
-
-    return _prepare(_read_or_error(read_image, path), sizes)
-
-
 def decode_ahead(paths: list[str], sizes: tuple[tuple[int, int], ...], workers: int, ahead: int
                  ) -> Iterator[tuple[Any, dict]]:
-    """`_decode` of each path, in input order, in ``workers`` processes, at most ``ahead`` images in flight.
+    """Each image (or its error) with its whole-image model inputs, in input order, decoded in
+    ``workers`` processes with at most ``ahead`` images in flight (`reader.map_images`)."""
+    from pneumomap.stages.reader import map_images
 
-    Bounded prefetch: a new image is submitted only when one is taken, so the workers never run
-    more than ``ahead`` images ahead of the consumer and memory does not grow with the input
-    list (joblib's generator keeps dispatching as tasks finish, whether or not they are consumed).
-    The pool is joblib's (loky) reusable executor: the same worker processes serve later runs.
-    """
-    if workers <= 1 or len(paths) <= 1:
-        for path in paths:
-            yield _decode(path, sizes)
-        return
-    from collections import deque
-
-    from joblib.externals.loky import get_reusable_executor
-
-    executor = get_reusable_executor(max_workers=workers, timeout=300)  # joblib's idle timeout, not loky's 10 s
-    pending: deque = deque()
-    queue = iter(paths)
-    try:
-        for path in queue:
-            pending.append(executor.submit(_decode, path, sizes))
-            if len(pending) >= max(ahead, 1):
-                break
-        while pending:
-            result = pending.popleft().result()
-            for path in queue:  # refill one
-                pending.append(executor.submit(_decode, path, sizes))
-                break
-            yield result
-            del result
-    finally:
-        for future in pending:  # consumer stopped early (error, interrupt): drop what is queued
-            future.cancel()
+    return map_images(functools.partial(_prepare, sizes=sizes), paths, n_jobs=workers, ahead=ahead)
 
 
 # ----------------------------------------------------------------------------- models
@@ -326,10 +292,10 @@ class _Runner:
 
     def ensure_image(self, st: _State) -> None:
         """Decode an image that was not decoded ahead (gate flipped since the outputs were stored)."""
-        from pneumomap.stages.reader import read_image
+        from pneumomap.stages.reader import read_or_error
 
         if st.radiograph is None and st.failure is None:
-            self.accept(st, *_prepare(_read_or_error(read_image, st.item.path), self.whole_sizes))
+            self.accept(st, *_prepare(read_or_error(st.item.path), self.whole_sizes))
 
     def accept(self, st: _State, image: Any, inputs: dict) -> None:
         from pneumomap.stages.reader import UnreadableImageError
@@ -447,15 +413,6 @@ class _Runner:
 
 def _get(meta: Any, key: str) -> Any:
     return meta[key] if isinstance(meta, dict) else getattr(meta, key)
-
-
-def _read_or_error(read, path: str) -> Any:
-    from pneumomap.stages.reader import UnreadableImageError
-
-    try:
-        return read(path)
-    except UnreadableImageError as exc:
-        return exc
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -88,20 +88,41 @@ def read_image(path: str | os.PathLike) -> Radiograph:
 
 
 def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iterable[str | os.PathLike],
-               n_jobs: int = 2) -> Iterator[T]:
+               n_jobs: int = 2, ahead: int | None = None) -> Iterator[T]:
     """Yield ``fn(read_image(p))`` (or ``fn(error)``) for each path, in input order, in worker processes.
 
     ``fn`` runs inside the worker, so it can reduce a big image to something small before it is
-    sent back; it must be a module-level function (picklable).
+    sent back; it must be picklable (a module-level function or a ``functools.partial`` of one).
+    Bounded prefetch: at most ``ahead`` images (default ``4 * n_jobs``) are in flight; a new one is
+    submitted only when the consumer takes one, so memory does not grow with the input list.
+    The pool is joblib's reusable loky executor: the same worker processes serve later calls.
     """
-    paths = [str(p) for p in paths]
-    if n_jobs == 1 or len(paths) <= 1:
-        yield from (_apply(fn, p) for p in paths)
+    if n_jobs <= 1:
+        yield from (_apply(fn, str(p)) for p in paths)
         return
-    from joblib import Parallel, delayed
+    from collections import deque
 
-    parallel = Parallel(n_jobs=n_jobs, return_as="generator", backend="loky")
-    yield from parallel(delayed(_apply)(fn, p) for p in paths)
+    from joblib.externals.loky import get_reusable_executor
+
+    executor = get_reusable_executor(max_workers=n_jobs, timeout=300)  # joblib's idle timeout, not loky's 10 s
+    limit = max(ahead if ahead is not None else 4 * n_jobs, 1)
+    pending: deque = deque()
+    queue = iter(paths)
+    try:
+        for path in queue:
+            pending.append(executor.submit(_apply, fn, str(path)))
+            if len(pending) >= limit:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for path in queue:  # refill one
+                pending.append(executor.submit(_apply, fn, str(path)))
+                break
+            yield result
+            del result
+    finally:
+        for future in pending:  # the consumer stopped early (error, interrupt): drop what is queued
+            future.cancel()
 
 
 def read_images(paths: Iterable[str | os.PathLike], n_jobs: int = 2) -> Iterator[Radiograph | UnreadableImageError]:
@@ -420,7 +441,8 @@ def _identity(item: T) -> T:
     return item
 
 
-def _read_or_error(path: str) -> Radiograph | UnreadableImageError:
+def read_or_error(path: str | os.PathLike) -> Radiograph | UnreadableImageError:
+    """`read_image`, with the error returned instead of raised (for batches)."""
     try:
         return read_image(path)
     except UnreadableImageError as exc:
@@ -428,4 +450,4 @@ def _read_or_error(path: str) -> Radiograph | UnreadableImageError:
 
 
 def _apply(fn: Callable[[Radiograph | UnreadableImageError], T], path: str) -> T:
-    return fn(_read_or_error(path))
+    return fn(read_or_error(path))
