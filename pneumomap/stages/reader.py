@@ -95,16 +95,18 @@ def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iter
     sent back; it must be picklable (a module-level function or a ``functools.partial`` of one).
     Bounded prefetch: at most ``ahead`` images (default ``4 * n_jobs``) are in flight; a new one is
     submitted only when the consumer takes one, so memory does not grow with the input list.
-    The pool is joblib's reusable loky executor: the same worker processes serve later calls.
+    The pool is joblib's reusable executor: the same worker processes serve later calls.
     """
     if n_jobs <= 1:
         yield from (_apply(fn, str(p)) for p in paths)
         return
     from collections import deque
 
-    from joblib.externals.loky import get_reusable_executor
+    from joblib.executor import get_memmapping_executor
 
-    executor = get_reusable_executor(max_workers=n_jobs, timeout=300)  # joblib's idle timeout, not loky's 10 s
+    # joblib's reusable pool (the one joblib.Parallel shares, so the two never fight over it),
+    # with joblib's 300 s idle timeout: workers survive model loading between calls
+    executor = get_memmapping_executor(n_jobs, timeout=300)
     limit = max(ahead if ahead is not None else 4 * n_jobs, 1)
     pending: deque = deque()
     queue = iter(paths)
