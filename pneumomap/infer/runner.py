@@ -226,6 +226,10 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
             except ValueError as exc:
                 raise RunError(f"nodes.{node.name}: cannot decode the encoder of '{node.inputs[0]}': {exc}") from None
         models[node.name] = stage.to(device).to(memory_format=torch.channels_last).eval()
+    from pneumomap.stages.inference import optimize_for_inference
+
+    for name in models:  # after every mapper has attached to the eager encoder it decodes
+        optimize_for_inference(models[name], device)
     return models
 
 

@@ -1,0 +1,60 @@
+"""Inference-only speed-ups of a loaded stage, applied by whoever runs stages for predictions.
+
+On the CPU, tracing a network and freezing the trace folds BatchNorm into the convolutions and
+fuses element-wise ops: about 1.7x faster for EfficientNet-B4 at 512 px on 2 cores, with
+outputs equal to the eager network's to float rounding (~1e-7). Only the frozen-weight,
+eval-mode heavy parts are traced (each backbone encoder of a classifier/regressor, the whole
+U-Net of the lung stage); heads, GeM and mapper decoders stay eager. On CUDA nothing changes
+(AMP + channels_last are the fast path there). A network that cannot be traced stays eager,
+with one log line.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class LazyFrozen(nn.Module):
+    """Runs ``module`` as a frozen trace, made at the first call (from that call's input), so
+    loading a pipeline whose outputs are all stored costs no tracing; the eager module when tracing fails."""
+
+    def __init__(self, module: nn.Module, what: str) -> None:
+        super().__init__()
+        self.module = module.eval()
+        self.what = what
+        self.compiled: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor):
+        if self.compiled is None:
+            self.compiled = self._trace(x)
+        return self.compiled(x)
+
+    def _trace(self, x: torch.Tensor) -> nn.Module:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                return torch.jit.freeze(torch.jit.trace(self.module, x[:1], check_trace=False))
+        except Exception as exc:  # an untraceable backbone is slower, never wrong
+            log.warning("%s: kept eager for inference (tracing failed: %s)", self.what, exc)
+            return self.module
+
+
+def optimize_for_inference(stage: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap the heavy eager parts of ``stage`` (already on ``device``, eval) in `LazyFrozen` (CPU only).
+
+    For inference only: the stage should not be trained or saved afterwards. Mappers attached to
+    one of its encoders keep the eager module (in a pipeline run they get the features from the stage).
+    """
+    if device.type != "cpu" or stage.kind == "mapper":
+        return stage
+    if stage.kind == "lungs":
+        stage.net = LazyFrozen(stage.net, "lungs U-Net")
+    else:
+        for member in stage.members:
+            member.encoder = LazyFrozen(member.encoder, f"{stage.kind} encoder {member.name}")
+    return stage.eval()
