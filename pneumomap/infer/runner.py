@@ -494,6 +494,8 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
             runner.seconds["write"] += time.perf_counter() - start
             bar.update(len(states))
     elapsed = time.perf_counter() - started
+    from pneumomap.stages.inference import trace_seconds
+
     part = {
         "images": len(items),
         "failures": sum(1 for r in records.values() if r.failure),
@@ -501,6 +503,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         "computed": {n.name: runner.computed.get(n.name, 0) for n in pipeline.model_nodes},
         "wall_seconds": round(elapsed, 4),
         "setup_seconds": round(setup, 4),
+        "trace_seconds": round(sum(trace_seconds(m) for m in runner.models.values()), 4),
         "device": str(device),
     }
     return sharding.finish(pipeline, out, all_items, (index, count), records, part, merge=options.merge)

@@ -127,6 +127,7 @@ def summarize(pipeline: Pipeline, parts: list[dict], records: list[writers.Recor
         "computed": computed,
         "wall_seconds": wall,
         "setup_seconds": max(p.get("setup_seconds", 0.0) for p in parts),
+        "trace_seconds": max(p.get("trace_seconds", 0.0) for p in parts),
         "images_per_second": round(len(records) / wall, 3) if wall > 0 else None,
         "threshold": gates[0].params["threshold"] if gates else None,
         "thresholds": pipeline.thresholds,

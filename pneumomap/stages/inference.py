@@ -11,6 +11,7 @@ with one log line.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 
 import torch
@@ -28,10 +29,13 @@ class LazyFrozen(nn.Module):
         self.module = module.eval()
         self.what = what
         self.compiled: nn.Module | None = None
+        self.trace_seconds = 0.0  # one-off cost of the first call
 
     def forward(self, x: torch.Tensor):
         if self.compiled is None:
+            start = time.perf_counter()
             self.compiled = self._trace(x)
+            self.trace_seconds = time.perf_counter() - start
         return self.compiled(x)
 
     def _trace(self, x: torch.Tensor) -> nn.Module:
@@ -58,3 +62,8 @@ def optimize_for_inference(stage: nn.Module, device: torch.device) -> nn.Module:
         for member in stage.members:
             member.encoder = LazyFrozen(member.encoder, f"{stage.kind} encoder {member.name}")
     return stage.eval()
+
+
+def trace_seconds(stage: nn.Module) -> float:
+    """Seconds ``stage``'s `LazyFrozen` parts spent tracing (a one-off cost per loaded stage)."""
+    return sum(m.trace_seconds for m in stage.modules() if isinstance(m, LazyFrozen))
