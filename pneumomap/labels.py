@@ -164,33 +164,28 @@ def read_labels(csv_path: str | Path,
     return boxes
 
 
+def _read_per_patient(path: Path, columns, column: str, allowed, what: str) -> dict[str, str]:
+    """One value of ``column`` per patientId; repeated rows must agree, values must be ``allowed``."""
+    values: dict[str, str] = {}
+    for number, row in _rows(path, columns):
+        where = f"{path}, line {number}"
+        pid, value = row["patientId"].strip(), row[column].strip()
+        if value not in allowed:
+            raise LabelError(f"{where}: unknown {what} {value!r}; expected one of {list(allowed)}")
+        if values.setdefault(pid, value) != value:
+            raise LabelError(f"{where}: {pid} has {what} {value!r} here but {values[pid]!r} before")
+    return values
+
+
 def read_classes(csv_path: str | Path) -> dict[str, str]:
     """class per patientId from stage_2_detailed_class_info.csv (repeated rows are normal
     there: RSNA repeats a patient once per box); unknown or conflicting classes raise."""
-    path = Path(csv_path)
-    classes: dict[str, str] = {}
-    for number, row in _rows(path, CLASS_COLUMNS):
-        where = f"{path}, line {number}"
-        pid, cls = row["patientId"].strip(), row["class"].strip()
-        if cls not in CLASSES:
-            raise LabelError(f"{where}: unknown class {cls!r}; expected one of {list(CLASSES)}")
-        if classes.setdefault(pid, cls) != cls:
-            raise LabelError(f"{where}: {pid} is {cls!r} here but {classes[pid]!r} before")
-    return classes
+    return _read_per_patient(Path(csv_path), CLASS_COLUMNS, "class", CLASSES, "class")
 
 
 def read_split(csv_path: str | Path) -> dict[str, str]:
     """split ('train' / 'val' / 'test') per patientId from split.csv."""
-    path = Path(csv_path)
-    split: dict[str, str] = {}
-    for number, row in _rows(path, SPLIT_COLUMNS):
-        where = f"{path}, line {number}"
-        pid, name = row["patientId"].strip(), row["split"].strip()
-        if name not in SPLITS:
-            raise LabelError(f"{where}: unknown split {name!r}; expected one of {list(SPLITS)}")
-        if split.setdefault(pid, name) != name:
-            raise LabelError(f"{where}: {pid} is in {name!r} here but in {split[pid]!r} before")
-    return split
+    return _read_per_patient(Path(csv_path), SPLIT_COLUMNS, "split", SPLITS, "split")
 
 
 def make_split(ids: list[str], target: dict[str, int], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
