@@ -28,21 +28,6 @@ def test_frozen_stages_give_the_eager_outputs():
         assert isinstance(wrapped, LazyFrozen) and isinstance(wrapped.compiled, torch.jit.ScriptModule)
 
 
-def test_frozen_mapper_decoder_gives_the_eager_maps():
-    from pneumomap.stages.mapper import Mapper
-
-    source = create_stage("classifier", tiny_config("classifier")).eval()
-    eager = Mapper.from_source(source).eval()
-    fast = optimize_for_inference(copy.deepcopy(eager), torch.device("cpu"))
-    x = _input(eager)
-    with torch.inference_mode():
-        features = source.encode(x)
-        torch.testing.assert_close(fast.predict(x, features), eager.predict(x, features), rtol=1e-4, atol=1e-5)
-        one = [f[:1] for f in features]
-        torch.testing.assert_close(fast.predict(x[:1], one), eager.predict(x[:1], one), rtol=1e-4, atol=1e-5)
-    assert isinstance(fast.decoder.compiled, torch.jit.ScriptModule)
-
-
 def test_untraceable_module_stays_eager(caplog):
     class Untraceable(torch.nn.Module):
         def forward(self, x):
@@ -54,6 +39,6 @@ def test_untraceable_module_stays_eager(caplog):
     assert wrapper.compiled is wrapper.module and "kept eager" in caplog.text
 
 
-def test_cuda_is_left_alone():
+def test_mappers_and_cuda_are_left_alone():
     stage = create_stage("lungs", tiny_config("lungs"))
     assert optimize_for_inference(stage, torch.device("cuda")).net is stage.net
