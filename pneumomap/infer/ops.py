@@ -85,11 +85,10 @@ class Lungs:
         """The lung mask (``side`` 'mask' | 'right' | 'left') resized (nearest) to ``shape``."""
         key = (side, tuple(shape))
         if key not in self._cache:
-            from skimage.transform import resize
+            from pneumomap.stages.preprocess import resize
 
             mask = getattr(self.split, side)
-            self._cache[key] = mask if mask.shape == tuple(shape) else resize(
-                mask, shape, order=0, preserve_range=True, anti_aliasing=False).astype(bool)
+            self._cache[key] = mask if mask.shape == tuple(shape) else resize(mask.astype(bool), shape, order=0)
         return self._cache[key]
 
 
