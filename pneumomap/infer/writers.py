@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,13 +37,6 @@ class Record:
     decisions: dict[str, str] = field(default_factory=dict)
     boxes: str = ""
     failure: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Record":
-        return cls(**json.loads(text))
 
 
 def format_value(value: Any) -> str:

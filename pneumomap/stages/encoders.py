@@ -26,7 +26,6 @@ from typing import Iterator
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -70,11 +69,6 @@ def create_encoder(name: str, in_chans: int = 1, pretrained: str | os.PathLike |
 def feature_channels(encoder: nn.Module) -> list[int]:
     """Channels of each feature map of a timm features_only encoder."""
     return list(encoder.feature_info.channels())
-
-
-def feature_reductions(encoder: nn.Module) -> list[int]:
-    """Stride (input size / map size) of each feature map."""
-    return list(encoder.feature_info.reduction())
 
 
 def _norm(key: str) -> str:

@@ -10,7 +10,6 @@ import copy
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
