@@ -50,3 +50,14 @@ def write_png(path: str | os.PathLike, array, bits: int = 8) -> None:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files `atomic_open` leaves behind when its process is killed mid-write
+    (``.NAME.XXXXXXXX.tmp``) anywhere below ``folder``; call it only when no writer is active."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed

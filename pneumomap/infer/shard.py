@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pneumomap.fileio import atomic_write_text
+from pneumomap.fileio import atomic_write_text, remove_temporaries
 from pneumomap.infer import artifacts as art
 from pneumomap.infer import writers
 from pneumomap.infer.spec import Pipeline
@@ -103,6 +103,7 @@ def merge_parts(pipeline: Pipeline, out: Path, items: list, count: int) -> dict[
     if len(records) != len(items):
         raise ValueError(f"cannot merge: the parts hold {len(records)} of {len(items)} images")
     ordered = [records[i] for i in range(len(items))]
+    remove_temporaries(out)  # every writer of this run is done: drop what a killed earlier run left half-written
     writers.write_tables(out, ordered, rsna=pipeline.outputs.rsna is not None)
     summary = summarize(pipeline, [p["summary"] for p in parts], ordered)
     atomic_write_text(Path(out) / "run_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
