@@ -1,23 +1,28 @@
 """pneumomap infer against a naive per-image loop, on the same images and weights (issue 4, item 9).
 
-  .venv/bin/python benchmarks/infer_speed.py [--n 16] [--size 1024] [--repeats 2] [--memory 100,1000]
-                                             [--skip-speed] [--out runs/bench_infer]
+  .venv/bin/python benchmarks/infer_speed.py [--n 56] [--n-small 24] [--size 1024] [--repeats 2]
+                                             [--memory 100,1000] [--skip-speed] [--out runs/bench_infer]
 
 (a) `pneumomap.infer.runner.run` with the default pipeline.yaml's architecture (random weights,
     EfficientNet-B4 everywhere), the gate's threshold at the median classifier probability so
     that about half of the images pass (the fraction is printed), no stored artifacts, batch 8,
-    2 decode workers;
+    the default decode workers (none on the CPU): exactly what `pneumomap infer --no-artifacts`
+    does, at each ``--precision`` (default: auto, i.e. fp32 on the CPU, and bf16);
 (b) a naive loop as a notebook would write it: each image read in the main process, every
-    network run separately at batch size 1 in NCHW, each mapper with its own encoder, no gate.
-Both write the same kind of maps. Also timed: the sum of the pure forward times of the
-networks (a) needs (same batch size, channels_last, tensors ready, each encoder once, mappers
-on the positives only), hence (a)'s overhead = t(a) / t(pure) - 1.
+    network run separately at batch size 1 in NCHW, eager, each mapper with its own encoder,
+    no gate. Both write the same kind of maps.
+Also timed: the sum of the pure forward times of the networks (a) needs, run as (a) runs them
+(same network calls, channels_last, frozen traces, tensors ready, each encoder once, mappers on
+the gate's positives only), hence (a)'s overhead = t(a) / t(pure) - 1.
 
-Honest side by side: the same images and weights; model loading excluded on both sides ((b)
-and the pure forwards load before the clock starts, (a)'s setup_seconds are subtracted); one
-warm-up of each before timing (it also starts (a)'s decode workers); then ``--repeats`` rounds
-of (a), (b), pure in turn, so that a change of the machine's load hits all three alike; the
-medians and each round's ratios are printed with /proc/loadavg.
+Per-image cost, one-off costs excluded on every side: (a) runs over the first ``--n-small``
+images and over all ``--n``; its cost per image is the difference of the two wall times over
+the difference of the counts, so model loading, first-call tracing and the decoding that
+overlaps model loading (both runs decode their first 18 images then) cancel. (b) and the pure
+forwards run on exactly those extra images, with their models loaded before the clock starts.
+One warm-up of each, then ``--repeats`` rounds of (a), (b), pure in turn, so that a change of
+the machine's load hits all three alike; the medians and each round's ratios are printed with
+/proc/loadavg. The whole-command wall times of (a), setup and tracing included, are printed too.
 
 Memory: the peak RSS (VmHWM) of one `pneumomap infer` process with the tiny pipeline at each
 --memory image count (decode workers excluded).
@@ -25,6 +30,7 @@ Memory: the peak RSS (VmHWM) of one `pneumomap infer` process with the tiny pipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -85,17 +91,22 @@ def naive(pipeline: spec.Pipeline, models: dict, paths: list[Path], out: Path) -
     return time.perf_counter() - start
 
 
-def pure_forward(models: dict, n: int, positives: int, batch: int) -> float:
+def pure_forward(models: dict, n: int, positives: int, batch: int, precision: str = "auto") -> float:
     """Seconds of the forward passes alone for the work (a) does: each encoder once, mappers on positives.
 
-    ``models``: `runner.load_models` (channels_last, shared encoders), tensors ready in memory.
+    ``models``: `runner.load_models` (channels_last, shared encoders, frozen traces), tensors ready in
+    memory, in network calls of as many images as (a) makes (`pneumomap.device.forward_batch`).
     """
+    from pneumomap.device import autocast, forward_batch
+
+    cpu = torch.device("cpu")
+    batch = forward_batch(cpu, batch)
     total = 0.0
 
     def timed(fn, *args):
         nonlocal total
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(cpu, precision=precision):
             result = fn(*args)
         total += time.perf_counter() - start
         return result
@@ -113,7 +124,7 @@ def pure_forward(models: dict, n: int, positives: int, batch: int) -> float:
             else:  # the encoders' features are already there in (a): only the decoders
                 for name, source, x in (("mapper_whole", "classifier", whole), ("mapper_right", "regressor_right", half),
                                         ("mapper_left", "regressor_left", half)):
-                    with torch.inference_mode():
+                    with torch.inference_mode(), autocast(cpu, precision=precision):
                         features = models[source].encode(x)
                     timed(models[name].predict, x, features)
     return total
@@ -134,11 +145,15 @@ def peak_rss(pipeline: Path, images: Path, out: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=16, help="images for the speed comparison (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=56, help="images for the speed comparison (default: %(default)s)")
+    parser.add_argument("--n-small", type=int, default=24, help="(a) also runs over this many, and the difference "
+                        "is measured: more than the 18 images decoded while the models load (default: %(default)s)")
     parser.add_argument("--size", type=int, default=1024, help="phantom image size (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds, each (a), (b), pure forward in turn; "
                         "the medians are reported (default: %(default)s)")
+    parser.add_argument("--precision", default="auto,bf16", help="(a) and its pure forwards at each of these "
+                        "--precision values (default: %(default)s; auto is fp32 on the CPU)")
     parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
     parser.add_argument("--skip-speed", action="store_true", help="only the peak-RSS check")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))
@@ -171,59 +186,77 @@ def main() -> int:
 
 
 def speed(args: argparse.Namespace, out: Path) -> dict:
-    """(a) vs (b) vs pure forward, interleaved ``--repeats`` times after a warm-up of each."""
+    """(a) vs (b) vs pure forward per image, interleaved ``--repeats`` times after a warm-up of each."""
+    if not 0 < args.n_small < args.n:
+        raise SystemExit("--n-small must be between 0 and --n")
     images = write_inputs(out / "data", n=args.n, size=args.size, corrupt=False)
     paths = sorted(images.iterdir())
+    extra = paths[args.n_small:]  # the images whose cost is measured
     path = write_pipeline(out / "full", tiny=False)
     pipeline = spec.load(path)
-    options = runner.RunOptions(artifacts=False, progress=False, batch_size=args.batch_size, workers=2)
-    # gate at the median probability: about half of the images pass (this run also starts the decode workers)
+    options = runner.RunOptions(artifacts=False, progress=False, batch_size=args.batch_size)  # infer's defaults
+    precisions = [p for p in args.precision.split(",") if p]
+    # gate at the median probability: about half of the images pass
     probe = runner.run(pipeline.with_thresholds({**pipeline.thresholds, "classifier": 1.0}), images,
                        out / "probe", options)
-    probs = sorted(float(l.split(",")[1]) for l in (out / "probe" / "predictions.csv").read_text().splitlines()[1:])
+    probs = [float(l.split(",")[1]) for l in (out / "probe" / "predictions.csv").read_text().splitlines()[1:]]
     threshold = float(np.median(probs))
     pipeline = pipeline.with_thresholds({**pipeline.thresholds, "classifier": threshold})
 
-    # models loaded once, outside every timed region; (a) loads its own inside run(), and its
-    # setup_seconds (listing, checkpoint hashes, model loading) are subtracted from its wall time
+    # (b)'s and the pure forwards' models are loaded once, outside every timed region (the pure
+    # forwards' frozen traces are made by the warm-up, under each precision)
     models_b = naive_models(pipeline)
-    models_pure = runner.load_models(pipeline, {m.name for m in pipeline.model_nodes}, torch.device("cpu"))
+    models_pure = {p: runner.load_models(pipeline, {m.name for m in pipeline.model_nodes}, torch.device("cpu"))
+                   for p in precisions}
     warm = paths[:args.batch_size]  # warm-up: one batch through (a), one image through (b), one batch of pure
-    runner.run(pipeline, warm, out / "warm_a", options)
+    for p in precisions:
+        runner.run(pipeline, warm, out / "warm_a", dataclasses.replace(options, precision=p))
+        pure_forward(models_pure[p], len(warm), len(warm), args.batch_size, p)
     naive(pipeline, models_b, warm[:1], (out / "warm_b").resolve())
-    pure_forward(models_pure, len(warm), len(warm), args.batch_size)
 
     rounds = []
     for r in range(args.repeats):
-        load = loadavg()
-        shutil.rmtree(out / "pneumomap", ignore_errors=True)
-        summary = runner.run(pipeline, images, out / "pneumomap", options)
-        # one-off per run, not per image: loading (setup) and the first-call tracing of the frozen graphs
-        t_pm = summary["wall_seconds"] - summary["setup_seconds"] - summary["trace_seconds"]
-        positives = summary["computed"]["mapper_whole"]
-        t_naive = naive(pipeline, models_b, paths, out / "naive")
-        t_pure = pure_forward(models_pure, len(paths), positives, args.batch_size)
-        rounds.append({"loadavg": load, "pneumomap_seconds": round(t_pm, 2), "naive_seconds": round(t_naive, 2),
-                       "pure_forward_seconds": round(t_pure, 2), "speedup": round(t_naive / t_pm, 2),
-                       "overhead": round(t_pm / t_pure - 1, 3), "gate_pass_fraction": round(positives / len(paths), 3),
-                       "pneumomap_setup_seconds": summary["setup_seconds"],
-                       "pneumomap_trace_seconds": summary["trace_seconds"],
-                       "pneumomap_seconds_per_node": summary["seconds"]})
-        print(json.dumps({k: v for k, v in rounds[-1].items() if k != "pneumomap_seconds_per_node"}), flush=True)
+        row: dict = {"loadavg": loadavg()}
+        for p in precisions:
+            small, full = (runner.run(pipeline, paths[:count], out / f"pneumomap_{count}",
+                                      dataclasses.replace(options, precision=p)) for count in (args.n_small, args.n))
+            positives = full["computed"]["mapper_whole"] - small["computed"]["mapper_whole"]
+            row[p] = {"pneumomap_seconds": round(full["wall_seconds"] - small["wall_seconds"], 2),
+                      "pure_forward_seconds": round(pure_forward(models_pure[p], len(extra), positives,
+                                                                 args.batch_size, p), 2),
+                      "gate_pass_fraction": round(positives / len(extra), 3),
+                      "whole_command_seconds": {str(args.n_small): small["wall_seconds"], str(args.n): full["wall_seconds"]},
+                      "setup_seconds": full["setup_seconds"], "trace_seconds": full["trace_seconds"],
+                      "seconds_per_node": full["seconds"]}
+        row["naive_seconds"] = round(naive(pipeline, models_b, extra, out / "naive"), 2)
+        for p in precisions:
+            row[p]["speedup"] = round(row["naive_seconds"] / row[p]["pneumomap_seconds"], 2)
+            row[p]["overhead"] = round(row[p]["pneumomap_seconds"] / row[p]["pure_forward_seconds"] - 1, 3)
+        rounds.append(row)
+        shutil.rmtree(out / "naive", ignore_errors=True)
+        print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "seconds_per_node"} if isinstance(v, dict) else v)
+                          for k, v in row.items()}), flush=True)
 
-    def median(key: str) -> float:
-        return float(np.median([r[key] for r in rounds]))
+    def median(*keys: str) -> float:
+        values = []
+        for row in rounds:
+            value = row
+            for key in keys:
+                value = value[key]
+            values.append(value)
+        return float(np.median(values))
 
-    t_pm, t_naive, t_pure = median("pneumomap_seconds"), median("naive_seconds"), median("pure_forward_seconds")
+    t_naive = median("naive_seconds")
+    per_precision = {p: {"pneumomap_seconds": median(p, "pneumomap_seconds"),
+                         "pneumomap_images_per_second": round(len(extra) / median(p, "pneumomap_seconds"), 3),
+                         "pure_forward_seconds": median(p, "pure_forward_seconds"),
+                         "speedup_median": median(p, "speedup"), "overhead_median": median(p, "overhead"),
+                         "gate_pass_fraction": rounds[-1][p]["gate_pass_fraction"]} for p in precisions}
     return {
-        "images": len(paths), "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
-        "gate_threshold": threshold, "gate_pass_fraction": rounds[-1]["gate_pass_fraction"],
-        "probe_seconds": probe["wall_seconds"],
-        "pneumomap_seconds": t_pm, "pneumomap_images_per_second": round(len(paths) / t_pm, 3),
-        "naive_seconds": t_naive, "naive_images_per_second": round(len(paths) / t_naive, 3),
-        "pure_forward_seconds": t_pure,
-        "speedup_median": median("speedup"), "overhead_median": median("overhead"),
-        "rounds": rounds,
+        "images": len(paths), "measured_images": len(extra), "size": args.size, "batch_size": args.batch_size,
+        "repeats": args.repeats, "gate_threshold": threshold, "probe_seconds": probe["wall_seconds"],
+        "naive_seconds": t_naive, "naive_images_per_second": round(len(extra) / t_naive, 3),
+        "pneumomap": per_precision, "rounds": rounds,
     }
 
 

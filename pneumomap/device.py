@@ -1,7 +1,8 @@
-"""Device choice and the CUDA fast paths (AMP, channels_last, pinned non-blocking copies).
+"""Device choice and the fast paths of each device: precision, images per network call,
+decode workers, channels_last, pinned non-blocking copies.
 
-Every path is written so that the same code runs on the CPU: autocast is disabled there and
-``non_blocking`` is a no-op for CPU tensors.
+Every path is written so that the same code runs on the CPU: autocast is off there unless
+asked for (``precision='bf16'``) and ``non_blocking`` is a no-op for CPU tensors.
 """
 from __future__ import annotations
 
@@ -24,11 +25,59 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (float16), nothing on the CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"):
+    """Mixed precision for inference and training.
+
+    ``auto``: float16 autocast on CUDA, full float32 on the CPU. ``fp32``: never. ``bf16``:
+    bfloat16 autocast on either device (on the CPU it pays only where the processor computes in
+    bfloat16, AVX512-BF16 or AMX; see `check_precision`). ``fp16``: CUDA only.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not enabled or precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast("cuda", dtype=torch.float16)
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse a precision the device cannot run (ValueError with what to use instead)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA; on the CPU use bf16 (where the processor supports it) or fp32")
+    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise ValueError("--precision bf16: this processor has no native bfloat16 (AVX512-BF16 or AMX), where "
+                         "it would be slower than fp32; use fp32")
+
+
+def decode_workers(device: torch.device, requested: int | None) -> int:
+    """Decode worker processes: ``requested``, or by default 4 beside a GPU and none on the CPU.
+
+    On the CPU torch's threads already use every core, and a process decoding next to them
+    stalls them all at each operation (even at the lowest priority): on 2 cores a 40-image run
+    of the default pipeline took 643 ms per image with 2 niced workers and 445 ms decoding in
+    the main process between the networks (benchmarks/RESULTS.md).
+    """
+    if requested is not None:
+        return max(0, requested)
+    import os
+
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+
+
+def forward_batch(device: torch.device, batch_size: int) -> int:
+    """Images per network call: the whole batch on CUDA, one at a time on the CPU.
+
+    On the CPU, 512 px activations of a batch spill out of the caches: EfficientNet-B4 (frozen,
+    channels_last, 2 cores) takes 75 ms per image at batch 1 and 124 ms per image at batch 8;
+    the lung U-Net 132 against 186 ms (benchmarks/RESULTS.md). Batches still group the I/O.
+    """
+    return max(1, batch_size) if device.type == "cuda" else 1
 
 
 def to_device(batch: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:

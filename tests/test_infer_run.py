@@ -72,8 +72,10 @@ class Counter:
 
 def test_formats_and_failure_isolation(tiny, tmp_path):
     out = tmp_path / "out"
-    args = argparse.Namespace(pipeline=str(tiny["path"]), input=str(tiny["images"]), out=str(out), device="auto",
-                              batch_size=4, workers=2, shard=None, merge=False, no_artifacts=False, quiet=True)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--pipeline", str(tiny["path"]), "--input", str(tiny["images"]), "--out", str(out),
+                              "--batch-size", "4", "--workers", "2", "--quiet"])
     assert cli.main(args) == 1  # one unreadable image -> non-zero exit
 
     inputs = sorted(p for p in tiny["images"].iterdir())
@@ -230,3 +232,64 @@ def test_decode_ahead_is_bounded_ordered_and_isolates_errors(tiny):
             assert isinstance(image, UnreadableImageError) and inputs == {}
         else:
             assert image.meta.path == path and inputs[("whole", (64, 64))].shape == (64, 64)
+
+
+def test_decoding_starts_before_the_first_image_is_asked_for(tiny):
+    """The first `ahead` images are submitted at once (they decode while the models load);
+    closing the iterator cancels what is still queued."""
+    counting = _CountingList(sorted(str(p) for p in tiny["images"].iterdir()) * 2)
+    decoded = runner.decode_ahead(counting, ((64, 64),), workers=2, ahead=4)
+    assert counting.taken == 4
+    next(decoded)
+    assert counting.taken == 5
+    decoded.close()
+    assert not decoded.pending
+
+
+def _worker_niceness(_image) -> int:
+    import os
+
+    return os.nice(0)
+
+
+def test_decode_workers_run_at_the_lowest_priority_and_the_caller_does_not():
+    import os
+
+    from pneumomap.stages.reader import map_images
+
+    paths = [str(Path(__file__).parent / "data" / "real" / "missing.dcm")] * 3  # errors are fine: fn runs anyway
+    assert set(map_images(_worker_niceness, paths, n_jobs=2)) == {19}
+    assert os.nice(0) < 19
+    assert list(map_images(_worker_niceness, paths[:1], n_jobs=0)) == [os.nice(0)]  # in-process: untouched
+
+
+def test_cpu_defaults_and_precisions(tiny, tmp_path):
+    """On the CPU: no decode workers, one image per network call, fp32; bf16 gives nearly the same
+    outputs; fp16 (CUDA only) is refused before any image."""
+    fp32 = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp32", RunOptions(progress=False, batch_size=3))
+    assert fp32["workers"] == 0 and fp32["precision"] == "auto" and fp32["device"] == "cpu"
+    with pytest.raises(runner.RunError, match="fp16 needs CUDA"):
+        runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp16", RunOptions(precision="fp16", **FAST))
+    assert not (tmp_path / "fp16" / "maps").exists()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this processor has no native bfloat16")
+    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
+    a, b = _rows(tmp_path / "fp32" / "predictions.csv"), _rows(tmp_path / "bf16" / "predictions.csv")
+    assert [r["image_id"] for r in a] == [r["image_id"] for r in b]
+    diffs = [abs(float(x["probability"]) - float(y["probability"])) for x, y in zip(a, b)]
+    assert max(diffs) < 0.02
+    for name in (tmp_path / "fp32" / "maps").iterdir():
+        m32 = np.asarray(Image.open(name), dtype=np.int16)
+        m16 = np.asarray(Image.open(tmp_path / "bf16" / "maps" / name.name), dtype=np.int16)
+        assert np.mean(np.abs(m32 - m16) <= 2) > 0.98  # a few pixels may cross a lung-mask edge
+
+
+def test_one_image_per_network_call_equals_whole_batches(tiny, tmp_path, monkeypatch):
+    """The CPU's one-image network calls give the outputs whole-batch calls give (to float rounding)."""
+    from pneumomap import device
+
+    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "one", RunOptions(**FAST))
+    monkeypatch.setattr(device, "forward_batch", lambda dev, batch_size: batch_size)
+    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "batched", RunOptions(**FAST))
+    a, b = _rows(tmp_path / "one" / "predictions.csv"), _rows(tmp_path / "batched" / "predictions.csv")
+    assert [float(r["probability"]) for r in a] == pytest.approx([float(r["probability"]) for r in b], abs=1e-5)

@@ -24,8 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(.txt/.lst, one path a line) or one image")
     parser.add_argument("--out", required=True, help="the submission folder to write")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch; on CUDA also per network "
+                        "call, on the CPU the networks take one image at a time (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: 4 beside a "
+                        "GPU; 0 on the CPU, where decoding runs between the networks: see the README)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="auto: fp16 autocast on CUDA, fp32 on the CPU; bf16: bfloat16 autocast (CPUs with "
+                        "AVX512-BF16/AMX, or CUDA); fp32: full precision everywhere (default: %(default)s)")
     parser.add_argument("--shard", default=None, help="i/n: process the i-th of n shards (job arrays)")
     parser.add_argument("--merge", action="store_true", help="only merge the finished shards' parts into the submission")
     parser.add_argument("--no-artifacts", action="store_true", help="keep no model outputs (no resume, no fast re-runs)")
@@ -46,7 +51,8 @@ def main(args: argparse.Namespace) -> int:
             summary = shard.merge_parts(pipeline, args.out, items, (parts or shard.from_environment())[1])
         else:
             options = runner.RunOptions(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                                        shard=parts, artifacts=not args.no_artifacts, progress=not args.quiet)
+                                        precision=args.precision, shard=parts, artifacts=not args.no_artifacts,
+                                        progress=not args.quiet)
             summary = runner.run(pipeline, args.input, args.out, options)
     except (PipelineError, runner.RunError, ValueError, FileNotFoundError) as exc:
         print(f"pneumomap infer: error: {exc}", file=sys.stderr)

@@ -52,8 +52,9 @@ class RunError(RuntimeError):
 @dataclass
 class RunOptions:
     device: str = "auto"
-    batch_size: int = 8
-    workers: int = 2
+    batch_size: int = 8  # images per chunk (and per network call on CUDA; one at a time on the CPU)
+    workers: int | None = None  # decode processes; None: `device.decode_workers` (4 beside a GPU, 0 on the CPU)
+    precision: str = "auto"  # `device.autocast`: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16
     shard: tuple[int, int] | None = None  # (index, count); None: from torchrun's RANK/WORLD_SIZE or (0, 1)
     artifacts: bool = True  # keep per-image model outputs under OUT/.artifacts (resume, re-runs)
     ungated: bool = False  # compute gated model nodes for every image too (for tuning); outputs unchanged
@@ -205,7 +206,7 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
 
     from pneumomap.stages.base import load_stage
 
-    wanted = set(names) | {pipeline.nodes[n].inputs[0] for n in names if pipeline.nodes[n].type == "mapper"}
+    wanted = _with_sources(pipeline, names)
     models: dict[str, Any] = {}
     for node in pipeline.model_nodes:
         if node.name not in wanted:
@@ -231,6 +232,27 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
     for name in models:  # after every mapper has attached to the eager encoder it decodes
         optimize_for_inference(models[name], device)
     return models
+
+
+def _with_sources(pipeline: Pipeline, names: set[str]) -> set[str]:
+    """``names`` plus the nodes whose encoders their mappers decode: the stages a run loads."""
+    return set(names) | {pipeline.nodes[n].inputs[0] for n in names if pipeline.nodes[n].type == "mapper"}
+
+
+def whole_image_sizes(pipeline: Pipeline, names: set[str]) -> tuple[tuple[int, int], ...]:
+    """The whole-image input sizes of the lungs/classifier stages a run loads for ``names``, read
+    from their checkpoints' configs (so that decoding can start before the models load)."""
+    from pneumomap.stages.base import read_config
+
+    sizes = set()
+    for name in _with_sources(pipeline, names):
+        node = pipeline.nodes[name]
+        if node.type in ("lungs", "classifier"):
+            try:
+                sizes.add(tuple(read_config(node.checkpoint)[1].input_size))
+            except Exception:  # load_models reports it, with the node's name
+                continue
+    return tuple(sorted(sizes))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -366,25 +388,33 @@ class _Runner:
         return to_device(torch.from_numpy(np.stack(arrays)[:, None]), self.device)
 
     def compute(self, node: Node, states: list[_State]) -> list[np.ndarray]:
+        """``node``'s outputs for ``states``, in network calls of `device.forward_batch` images."""
         import torch
 
-        from pneumomap.device import autocast
+        from pneumomap.device import autocast, forward_batch
 
-        stage = self.models[node.name]
         source = self.pipeline.nodes[node.inputs[0]] if node.type == "mapper" else node
         x = self.batch([self.model_input(source, st) for st in states])
-        with torch.inference_mode(), autocast(self.device):
-            if node.type == "lungs":
-                out = stage.predict(x)[:, 0]
-            elif node.type == "mapper":
-                out = stage.predict(x, self.features(source, states, x))[:, 0]
-            else:
-                features = stage.encode(x)
-                out = stage.predict(x, features)
-                if node.name in self.sources:
-                    for i, st in enumerate(states):
-                        st.features[node.name] = [f[i] for f in features]
-        return list(out.float().cpu().numpy())
+        step = forward_batch(self.device, self.options.batch_size)
+        outputs: list[np.ndarray] = []
+        with torch.inference_mode(), autocast(self.device, precision=self.options.precision):
+            for lo in range(0, len(states), step):
+                out = self.forward(node, source, states[lo:lo + step], x[lo:lo + step])
+                outputs.extend(out.float().cpu().numpy())
+        return outputs
+
+    def forward(self, node: Node, source: Node, states: list[_State], x: torch.Tensor) -> torch.Tensor:
+        """One network call: lung probabilities, a mapper's map or a classifier/regressor's scores."""
+        stage = self.models[node.name]
+        if node.type == "lungs":
+            return stage.predict(x)[:, 0]
+        if node.type == "mapper":
+            return stage.predict(x, self.features(source, states, x))[:, 0]
+        features = stage.encode(x)
+        if node.name in self.sources:
+            for i, st in enumerate(states):
+                st.features[node.name] = [f[i] for f in features]
+        return stage.predict(x, features)
 
     def features(self, source: Node, states: list[_State], x: torch.Tensor) -> list[torch.Tensor]:
         """The source encoder's features of ``states`` (computed now for those that have none)."""
@@ -444,7 +474,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     Raises `RunError` (or `PipelineError`) before any image is processed when the pipeline,
     a checkpoint, the inputs or the output folder is unusable.
     """
-    from pneumomap.device import resolve_device
+    from pneumomap.device import check_precision, decode_workers, resolve_device
 
     options = options or RunOptions()
     pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
@@ -454,6 +484,11 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     index, count = options.shard or sharding.from_environment()
     items = all_items[index::count]
     device = resolve_device(options.device)
+    try:
+        check_precision(device, options.precision)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    workers = decode_workers(device, options.workers)
     runner = _Runner(pipeline, out, options, device)
     started = time.perf_counter()
 
@@ -466,20 +501,23 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         else:
             records[item.index] = record
     decode, needed = runner.plan(todo)
-    runner.models = load_models(pipeline, needed, device)
-    runner.whole_sizes = tuple(sorted({tuple(m.input_size) for n, m in runner.models.items()
-                                       if pipeline.nodes[n].type in ("lungs", "classifier")}))
+    runner.whole_sizes = whole_image_sizes(pipeline, needed)
     batch_size = max(1, options.batch_size)
-    # decode ahead: the chunk being computed plus the next one (bounded, see decode_ahead)
-    decoded = decode_ahead([i.path for i in decode], runner.whole_sizes, options.workers,
-                           ahead=2 * batch_size + max(0, options.workers))
+    # decode ahead: the chunk being computed plus the next one (bounded, see decode_ahead); the
+    # workers start now and decode the first images while the models load
+    decoded = decode_ahead([i.path for i in decode], runner.whole_sizes, workers, ahead=2 * batch_size + workers)
     ahead = {item.index for item in decode}
+    try:
+        runner.models = load_models(pipeline, needed, device)
+    except BaseException:
+        decoded.close()  # nothing more to decode
+        raise
     setup = time.perf_counter() - started  # listing, hashing checkpoints, planning, loading models
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), initial=len(records), unit="img", desc="infer", disable=not options.progress,
                dynamic_ncols=True)
-    with contextlib.closing(bar):
+    with contextlib.closing(bar), contextlib.closing(decoded):
         for chunk in _chunks(todo, batch_size):
             states = [_State(item) for item in chunk]
             start = time.perf_counter()
@@ -505,5 +543,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         "setup_seconds": round(setup, 4),
         "trace_seconds": round(sum(trace_seconds(m) for m in runner.models.values()), 4),
         "device": str(device),
+        "precision": options.precision,
+        "workers": workers,
     }
     return sharding.finish(pipeline, out, all_items, (index, count), records, part, merge=options.merge)

@@ -134,5 +134,7 @@ def summarize(pipeline: Pipeline, parts: list[dict], records: list[writers.Recor
         "thresholds": pipeline.thresholds,
         "shards": len(parts),
         "device": parts[0].get("device"),
+        "precision": parts[0].get("precision"),
+        "workers": parts[0].get("workers"),
         "merged": True,
     }

@@ -413,7 +413,7 @@ def _flat(thresholds: dict, paths: Sequence[Sequence[str]]) -> dict[str, Any]:
 def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *, target_tnr: float = 0.99,
          split: str | None = "val", work: str | Path | None = None, plots: str | Path | None = None,
          device: str = "auto", truth_def: str = "boxes_in_lungs", pos_weight: float = 1.0, neg_weight: float = 1.0,
-         rounds: int = 3, batch_size: int = 8, workers: int = 2, progress: bool = True) -> dict:
+         rounds: int = 3, batch_size: int = 8, workers: int | None = None, progress: bool = True) -> dict:
     """Tune ``pipeline_path`` on ``val_dir`` (RSNA folder, ``split``; None = every image) into ``out_path``.
 
     Returns what ``<out stem>.tune.json`` holds: metric_before/start/after, thresholds_before/after,
@@ -497,7 +497,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neg-weight", type=float, default=1.0, help="weight of the clear-pixel term (as score)")
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
-    parser.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: as infer)")
 
 
 def main(args: argparse.Namespace) -> int:

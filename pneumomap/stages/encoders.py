@@ -156,8 +156,9 @@ class EncoderHead(nn.Module):
         self.head = nn.Linear(feature_channels(self.encoder)[-1], n_outputs)
 
     def head_logits(self, last_map: torch.Tensor) -> torch.Tensor:
-        """Logits (B, n_outputs) from the encoder's last feature map."""
-        return self.head(self.dropout(self.pool(last_map)).to(self.head.weight.dtype))
+        """Logits (B, n_outputs) from the encoder's last feature map, in float32 under any autocast."""
+        with torch.autocast(last_map.device.type, enabled=False):
+            return self.head(self.dropout(self.pool(last_map)).to(self.head.weight.dtype))
 
     def forward(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (B, n_outputs); ``features`` (this encoder's output for ``x``) skips the encoder."""

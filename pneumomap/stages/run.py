@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image-decoding worker processes (default: 4 beside a GPU, 0 on the CPU)")
     parser.add_argument("--npy", action="store_true", help="also write the float maps as .npy (model input size)")
     lungs = parser.add_mutually_exclusive_group()
     lungs.add_argument("--lungs", type=Path, help="lungs checkpoint, for the stages that run on lung halves")
@@ -60,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pneumomap.device import autocast, resolve_device
+    from pneumomap.device import autocast, decode_workers, resolve_device
     from pneumomap.stages.base import load_stage
     from pneumomap.stages.reader import UnreadableImageError, list_images, read_images
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     paths = list_images(args.input)
     writer = _Writer(args.kind, stage, args.out, args.npy)
     with tqdm(total=len(paths), desc=f"stage {args.kind}", unit="img") as bar:
-        for batch in _batches(read_images(paths, n_jobs=args.workers), args.batch_size):
+        for batch in _batches(read_images(paths, n_jobs=decode_workers(device, args.workers)), args.batch_size):
             images = [item for item in batch if not isinstance(item, UnreadableImageError)]
             for failure in (item for item in batch if isinstance(item, UnreadableImageError)):
                 writer.failure(failure)
