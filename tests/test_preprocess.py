@@ -75,3 +75,23 @@ def test_to_model_input_on_real_radiograph():
 @pytest.mark.parametrize("size", [(512, 512), (512, 320)])
 def test_to_model_input_arbitrary_size(size):
     assert to_model_input(np.random.default_rng(4).uniform(size=(700, 450)), size).shape == size
+
+
+@pytest.mark.parametrize("shape,size", [((1024, 1024), (512, 512)), ((600, 400), (200, 100)), ((64, 48), (64, 16))])
+def test_whole_factor_shrinking_equals_area_averaging(shape, size):
+    from skimage.transform import resize_local_mean
+
+    values = np.random.default_rng(0).random(shape, dtype=np.float32) * 4000
+    expected = resize_local_mean(values, size, preserve_range=True)
+    np.testing.assert_allclose(resize(values, size), expected, rtol=1e-5, atol=1e-3)
+    as_uint16 = resize(values.astype(np.uint16), size)
+    assert as_uint16.dtype == np.uint16 and as_uint16.shape == size
+
+
+def test_whole_factor_mask_enlarging_equals_nearest():
+    from skimage.transform import resize as sk_resize
+
+    mask = np.random.default_rng(1).random((50, 40)) > 0.5
+    for size in ((100, 80), (150, 40), (73, 40)):
+        expected = sk_resize(mask, size, order=0, anti_aliasing=False, preserve_range=True).astype(bool)
+        np.testing.assert_array_equal(resize(mask, size), expected)
