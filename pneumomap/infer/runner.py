@@ -145,7 +145,7 @@ def _value(node: Node, stored: np.ndarray, lung_thresholds: dict[str, float]) ->
     if node.type == "lungs":
         from pneumomap.stages import lung_geometry
 
-        return Lungs(lung_geometry.split_lungs(lung_geometry.clean_mask(value, lung_thresholds[node.name])))
+        return Lungs(lung_geometry.split_lungs(value, lung_thresholds[node.name]))
     return value
 
 

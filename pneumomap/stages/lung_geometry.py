@@ -117,13 +117,14 @@ def _two_sides(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return _midline_cut(labels == order[0])
 
 
-def split_lungs(mask: np.ndarray) -> LungSplit:
-    """Clean ``mask`` and name its lungs: ``right`` = patient's right = image left.
+def split_lungs(mask: np.ndarray, threshold: float = 0.5) -> LungSplit:
+    """Clean ``mask`` (a mask, or probabilities cut at ``threshold``: `clean_mask`) and name its
+    lungs: ``right`` = patient's right = image left.
 
     Two lung-sized components are the two lungs; one blob (lungs touching) is cut at the
     midline; anything else (blank, a single lung) gives the fixed-crop fallback.
     """
-    cleaned = clean_mask(mask)
+    cleaned = clean_mask(mask, threshold)
     shape = cleaned.shape
     if cleaned.sum() < MIN_LUNG_FRACTION * cleaned.size:
         return _fallback(shape)

@@ -82,7 +82,7 @@ class Lungs(Stage):
         if isinstance(probs, torch.Tensor):
             probs = probs.detach().float().cpu().numpy()
         probs = probs.reshape(len(probs), *probs.shape[-2:])
-        return [lung_geometry.split_lungs(lung_geometry.clean_mask(p, self.config.threshold)) for p in probs]
+        return [lung_geometry.split_lungs(p, self.config.threshold) for p in probs]
 
 
 def fixed_split(shape: tuple[int, int]) -> lung_geometry.LungSplit:
