@@ -1,6 +1,6 @@
 """pneumomap infer against a naive per-image loop, on the same images and weights (issue 4, item 9).
 
-  .venv/bin/python benchmarks/infer_speed.py [--n 56] [--n-small 24] [--size 1024] [--repeats 2]
+  .venv/bin/python benchmarks/infer_speed.py [--n 72] [--n-small 24] [--size 1024] [--repeats 3]
                                              [--memory 100,1000] [--skip-speed] [--out runs/bench_infer]
 
 (a) `pneumomap.infer.runner.run` with the default pipeline.yaml's architecture (random weights,
@@ -16,10 +16,12 @@ Also timed: the sum of the pure forward times of the networks (a) needs, run as 
 the gate's positives only), hence (a)'s overhead = t(a) / t(pure) - 1.
 
 Per-image cost, one-off costs excluded on every side: (a) runs over the first ``--n-small``
-images and over all ``--n``; its cost per image is the difference of the two wall times over
-the difference of the counts, so model loading, first-call tracing and the decoding that
-overlaps model loading (both runs decode their first 18 images then) cancel. (b) and the pure
-forwards run on exactly those extra images, with their models loaded before the clock starts.
+images and over all ``--n``, and each run's measured one-off costs (setup: listing, hashing,
+model loading; the first-call tracing) are subtracted from its wall time; (a)'s cost is the
+difference of the two over the difference of the counts, so whatever else happens once per
+run (the JIT's first optimising calls; with decode workers, the images decoded while the
+models load) cancels too. (b) and the pure forwards run on exactly those extra images, with
+their models loaded before the clock starts.
 One warm-up of each, then ``--repeats`` rounds of (a), (b), pure in turn, so that a change of
 the machine's load hits all three alike; the medians and each round's ratios are printed with
 /proc/loadavg. The whole-command wall times of (a), setup and tracing included, are printed too.
@@ -91,6 +93,12 @@ def naive(pipeline: spec.Pipeline, models: dict, paths: list[Path], out: Path) -
     return time.perf_counter() - start
 
 
+def per_image_part(summary: dict) -> float:
+    """A run's wall seconds less its measured one-off costs (setup: listing, hashing, model loading;
+    the first-call tracing of the frozen graphs)."""
+    return summary["wall_seconds"] - summary["setup_seconds"] - summary["trace_seconds"]
+
+
 def pure_forward(models: dict, n: int, positives: int, batch: int, precision: str = "auto") -> float:
     """Seconds of the forward passes alone for the work (a) does: each encoder once, mappers on positives.
 
@@ -145,12 +153,12 @@ def peak_rss(pipeline: Path, images: Path, out: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=56, help="images for the speed comparison (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=72, help="images for the speed comparison (default: %(default)s)")
     parser.add_argument("--n-small", type=int, default=24, help="(a) also runs over this many, and the difference "
                         "is measured: more than the 18 images decoded while the models load (default: %(default)s)")
     parser.add_argument("--size", type=int, default=1024, help="phantom image size (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds, each (a), (b), pure forward in turn; "
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each (a), (b), pure forward in turn; "
                         "the medians are reported (default: %(default)s)")
     parser.add_argument("--precision", default="auto,bf16", help="(a) and its pure forwards at each of these "
                         "--precision values (default: %(default)s; auto is fp32 on the CPU)")
@@ -221,7 +229,7 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
             small, full = (runner.run(pipeline, paths[:count], out / f"pneumomap_{count}",
                                       dataclasses.replace(options, precision=p)) for count in (args.n_small, args.n))
             positives = full["computed"]["mapper_whole"] - small["computed"]["mapper_whole"]
-            row[p] = {"pneumomap_seconds": round(full["wall_seconds"] - small["wall_seconds"], 2),
+            row[p] = {"pneumomap_seconds": round(per_image_part(full) - per_image_part(small), 2),
                       "pure_forward_seconds": round(pure_forward(models_pure[p], len(extra), positives,
                                                                  args.batch_size, p), 2),
                       "gate_pass_fraction": round(positives / len(extra), 3),
