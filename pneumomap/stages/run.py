@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path, help="image folder, image file or list file (.txt)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="images per network call on CUDA (default: 8); the CPU takes one at a time")
     parser.add_argument("--workers", type=int, default=None,
                         help="image-decoding worker processes (default: 4 beside a GPU, 0 on the CPU)")
     parser.add_argument("--npy", action="store_true", help="also write the float maps as .npy (model input size)")
@@ -61,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pneumomap.device import autocast, decode_workers, resolve_device
+    from pneumomap.device import autocast, decode_workers, forward_batch, resolve_device
     from pneumomap.stages.base import load_stage
     from pneumomap.stages.reader import UnreadableImageError, list_images, read_images
 
@@ -87,12 +88,17 @@ def run(args: argparse.Namespace) -> int:
     if args.kind.startswith("gradcam"):
         from pneumomap.stages.gradcam import GradCAM
 
-        model = GradCAM(model, method=args.kind)
+        model = GradCAM(model, method=args.kind)  # needs the eager network (gradients, hooks)
+    else:
+        model = _fast(model, device)
+    if lungs is not None:
+        lungs = _fast(lungs, device)
 
     paths = list_images(args.input)
     writer = _Writer(args.kind, stage, args.out, args.npy)
     with tqdm(total=len(paths), desc=f"stage {args.kind}", unit="img") as bar:
-        for batch in _batches(read_images(paths, n_jobs=decode_workers(device, args.workers)), args.batch_size):
+        for batch in _batches(read_images(paths, n_jobs=decode_workers(device, args.workers)),
+                              forward_batch(device, args.batch_size)):
             images = [item for item in batch if not isinstance(item, UnreadableImageError)]
             for failure in (item for item in batch if isinstance(item, UnreadableImageError)):
                 writer.failure(failure)
@@ -110,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare(stage: torch.nn.Module, device: torch.device) -> Any:
     return stage.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def _fast(stage: torch.nn.Module, device: torch.device) -> Any:
+    """The inference path `pneumomap infer` uses (frozen traces on the CPU)."""
+    from pneumomap.stages.inference import optimize_for_inference
+
+    return optimize_for_inference(stage, device)
 
 
 def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
