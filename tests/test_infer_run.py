@@ -15,7 +15,7 @@ from pneumomap.infer import cli, runner, spec
 from pneumomap.infer.runner import RunOptions
 from pneumomap.infer.tiny import write_inputs, write_pipeline
 
-FAST = dict(workers=1, progress=False, batch_size=3)
+FAST = dict(workers=0, progress=False, batch_size=3)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pneumomap.infer.tiny import write_pipeline
 from pneumomap.labels import load_rsna
 from pneumomap.synth import generate
 
-FAST = dict(split=None, target_tnr=0.5, device="cpu", workers=1, progress=False)
+FAST = dict(split=None, target_tnr=0.5, device="cpu", workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_search_never_worse_and_metric_agrees_with_score(tuned, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tuned["work"], copy)
     runner.run(spec.load(tuned["out"]), [p for p in (tuned["root"] / "rsna" / "stage_2_train_images").glob("*.dcm")],
-               copy, runner.RunOptions(device="cpu", workers=1, progress=False))
+               copy, runner.RunOptions(device="cpu", workers=0, progress=False))
     assert score.score_submission(copy, tuned["root"] / "rsna")["map_log_loss"] == \
         pytest.approx(result["metric_after"], rel=1e-12)
 

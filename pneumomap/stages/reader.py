@@ -92,7 +92,8 @@ def read_image(path: str | os.PathLike) -> Radiograph:
 
 def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iterable[str | os.PathLike],
                n_jobs: int = 2, ahead: int | None = None, background: bool = True) -> Iterator[T]:
-    """Yield ``fn(read_image(p))`` (or ``fn(error)``) for each path, in input order, in worker processes.
+    """Yield ``fn(read_image(p))`` (or ``fn(error)``) for each path, in input order, in ``n_jobs``
+    worker processes (0: in the calling process, one at a time).
 
     ``fn`` runs inside the worker, so it can reduce a big image to something small before it is
     sent back; it must be picklable (a module-level function or a ``functools.partial`` of one).
@@ -104,7 +105,7 @@ def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iter
     instead of slowing them, and when the consumer waits for an image the cores are theirs.
     The pool is joblib's reusable executor: the same worker processes serve later calls.
     """
-    if n_jobs <= 1:
+    if n_jobs <= 0:
         return (_apply(fn, str(p)) for p in paths)
     from joblib.executor import get_memmapping_executor
 
