@@ -50,9 +50,20 @@ def check_precision(device: torch.device, precision: str) -> None:
         raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; on the CPU use bf16 (where the processor supports it) or fp32")
-    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise ValueError("--precision bf16: this processor has no native bfloat16 (AVX512-BF16 or AMX), where "
-                         "it would be slower than fp32; use fp32")
+    if precision == "bf16" and not native_bf16(device):
+        raise ValueError(f"--precision bf16: this {'GPU' if device.type == 'cuda' else 'processor'} has no native "
+                         "bfloat16 (CPU: AVX512-BF16 or AMX), where it would be slower or unsupported; use "
+                         f"{'fp16' if device.type == 'cuda' else 'fp32'}")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (CUDA: Ampere and newer; CPU: oneDNN's check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older or differently built torch: do not guess
+        return False
 
 
 def decode_workers(device: torch.device, requested: int | None) -> int:

@@ -271,8 +271,12 @@ def test_cpu_defaults_and_precisions(tiny, tmp_path):
     with pytest.raises(runner.RunError, match="fp16 needs CUDA"):
         runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp16", RunOptions(precision="fp16", **FAST))
     assert not (tmp_path / "fp16" / "maps").exists()
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("this processor has no native bfloat16")
+    from pneumomap.device import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        with pytest.raises(runner.RunError, match="no native"):
+            runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
+        pytest.skip("this processor has no native bfloat16: refused, as it should be")
     runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
     a, b = _rows(tmp_path / "fp32" / "predictions.csv"), _rows(tmp_path / "bf16" / "predictions.csv")
     assert [r["image_id"] for r in a] == [r["image_id"] for r in b]
