@@ -413,7 +413,8 @@ def _flat(thresholds: dict, paths: Sequence[Sequence[str]]) -> dict[str, Any]:
 def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *, target_tnr: float = 0.99,
          split: str | None = "val", work: str | Path | None = None, plots: str | Path | None = None,
          device: str = "auto", truth_def: str = "boxes_in_lungs", pos_weight: float = 1.0, neg_weight: float = 1.0,
-         rounds: int = 3, batch_size: int = 8, workers: int | None = None, progress: bool = True) -> dict:
+         rounds: int = 3, batch_size: int = 8, workers: int | None = None, precision: str = "auto",
+         progress: bool = True) -> dict:
     """Tune ``pipeline_path`` on ``val_dir`` (RSNA folder, ``split``; None = every image) into ``out_path``.
 
     Returns what ``<out stem>.tune.json`` holds: metric_before/start/after, thresholds_before/after,
@@ -429,7 +430,8 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     pipeline = spec.load(pipeline_path)
     dataset = load_rsna(val_dir)
     ids = score.select_ids(dataset, split)
-    options = runner.RunOptions(device=device, batch_size=batch_size, workers=workers, ungated=True, progress=progress)
+    options = runner.RunOptions(device=device, batch_size=batch_size, workers=workers, precision=precision,
+                                ungated=True, progress=progress)
     stored, ran = stored_outputs(pipeline, [dataset.image_path(pid) for pid in ids], work, options)
     if not stored:
         raise TuneError(f"{val_dir}: no readable image in split {split!r}")
@@ -498,6 +500,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: as infer)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="as infer's; tune with the precision you will infer with (default: auto)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -506,7 +510,7 @@ def main(args: argparse.Namespace) -> int:
                       split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
                       device=args.device, truth_def=args.truth_def, pos_weight=args.pos_weight,
                       neg_weight=args.neg_weight, rounds=args.rounds, batch_size=args.batch_size,
-                      workers=args.workers)
+                      workers=args.workers, precision=args.precision)
     except (TuneError, runner.RunError, ValueError, OSError) as error:  # PipelineError, SubmissionError are ValueErrors
         print(f"pneumomap tune: error: {error}", file=sys.stderr)
         return 1
