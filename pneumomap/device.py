@@ -7,14 +7,13 @@ asked for (``precision='bf16'``) and ``non_blocking`` is a no-op for CPU tensors
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> the local CUDA device when present (honours LOCAL_RANK under torchrun), else CPU."""
-    import os
-
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -35,8 +34,7 @@ def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"
     bfloat16 autocast on either device (on the CPU it pays only where the processor computes in
     bfloat16, AVX512-BF16 or AMX; see `check_precision`). ``fp16``: CUDA only.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _known(precision)
     if not enabled or precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     if precision == "bf16":
@@ -44,10 +42,14 @@ def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"
     return torch.autocast("cuda", dtype=torch.float16)
 
 
+def _known(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
 def check_precision(device: torch.device, precision: str) -> None:
     """Refuse a precision the device cannot run (ValueError with what to use instead)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    _known(precision)
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA; on the CPU use bf16 (where the processor supports it) or fp32")
     if precision == "bf16" and not native_bf16(device):
@@ -76,8 +78,6 @@ def decode_workers(device: torch.device, requested: int | None) -> int:
     """
     if requested is not None:
         return max(0, requested)
-    import os
-
     return min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
 
 

@@ -28,13 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "call, on the CPU the networks take one image at a time (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: 4 beside a "
                         "GPU; 0 on the CPU, where decoding runs between the networks: see the README)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                        help="auto: fp16 autocast on CUDA, fp32 on the CPU; bf16: bfloat16 autocast (CPUs with "
-                        "AVX512-BF16/AMX, or CUDA); fp32: full precision everywhere (default: %(default)s)")
+    add_precision_argument(parser)
     parser.add_argument("--shard", default=None, help="i/n: process the i-th of n shards (job arrays)")
     parser.add_argument("--merge", action="store_true", help="only merge the finished shards' parts into the submission")
     parser.add_argument("--no-artifacts", action="store_true", help="keep no model outputs (no resume, no fast re-runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (`pneumomap.device.autocast`), shared by infer and tune."""
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="auto: fp16 autocast on CUDA, fp32 on the CPU; bf16: bfloat16 autocast (CPUs with "
+                        "AVX512-BF16/AMX, or CUDA); fp32: full precision everywhere; tune with the precision "
+                        "you will infer with (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:

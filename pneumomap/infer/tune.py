@@ -500,8 +500,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: as infer)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                        help="as infer's; tune with the precision you will infer with (default: auto)")
+    from pneumomap.infer.cli import add_precision_argument
+
+    add_precision_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -100,7 +100,7 @@ def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iter
     Bounded prefetch: at most ``ahead`` images (default ``4 * n_jobs``) are in flight; a new one is
     submitted only when the consumer takes one, so memory does not grow with the input list.
     The first ``ahead`` are submitted at once, before the first is asked for: a caller can start
-    decoding, then load its models. With ``background`` the workers run at idle priority
+    decoding, then load its models. With ``background`` the workers run at the lowest priority
     (`lower_priority`): on a machine with few cores they decode in the gaps of the networks
     instead of slowing them, and when the consumer waits for an image the cores are theirs.
     The pool is joblib's reusable executor: the same worker processes serve later calls.
@@ -486,7 +486,7 @@ def lower_priority() -> None:
         os.nice(19 - os.nice(0))
 
 
-_lowered = False  # this worker process runs at idle priority
+_lowered = False  # this worker process runs at the lowest priority
 
 
 def _apply_in_worker(fn: Callable[[Radiograph | UnreadableImageError], T], path: str, background: bool = False) -> T:

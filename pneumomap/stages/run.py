@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pneumomap.device import autocast, decode_workers, forward_batch, resolve_device
     from pneumomap.stages.base import load_stage
+    from pneumomap.stages.inference import optimize_for_inference
     from pneumomap.stages.reader import UnreadableImageError, list_images, read_images
 
     if args.batch_size < 1:
@@ -90,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
         model = GradCAM(model, method=args.kind)  # needs the eager network (gradients, hooks)
     else:
-        model = _fast(model, device)
+        model = optimize_for_inference(model, device)  # the CPU path `pneumomap infer` takes
     if lungs is not None:
-        lungs = _fast(lungs, device)
+        lungs = optimize_for_inference(lungs, device)
 
     paths = list_images(args.input)
     writer = _Writer(args.kind, stage, args.out, args.npy)
@@ -116,13 +117,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare(stage: torch.nn.Module, device: torch.device) -> Any:
     return stage.to(device).to(memory_format=torch.channels_last).eval()
-
-
-def _fast(stage: torch.nn.Module, device: torch.device) -> Any:
-    """The inference path `pneumomap infer` uses (frozen traces on the CPU)."""
-    from pneumomap.stages.inference import optimize_for_inference
-
-    return optimize_for_inference(stage, device)
 
 
 def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
