@@ -26,7 +26,8 @@ from pneumomap.stages.lung_geometry import clean_mask
 from pneumomap.stages.preprocess import to_model_input, to_original
 from pneumomap.stages.reader import read_image
 from pneumomap.train import recipes
-from pneumomap.train.datasets import lung_datasets, read_mask
+from pneumomap.labels import read_lung_mask
+from pneumomap.train.datasets import lung_datasets
 from pneumomap.train.loop import fit
 from pneumomap.train.tasks import make_task
 
@@ -48,7 +49,7 @@ def held_out_dice(checkpoint: Path, held_out: list[tuple[str, str]]) -> list[flo
         x = torch.from_numpy(to_model_input(pixels, stage.input_size))[None, None]
         prob = stage.predict(x)[0, 0].numpy()
         mask = clean_mask(to_original(prob, *pixels.shape), stage.config.threshold)
-        scores.append(dice(mask.astype(np.float32), read_mask(mask_path)))
+        scores.append(dice(mask.astype(np.float32), read_lung_mask(mask_path)))
     return scores
 
 

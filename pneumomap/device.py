@@ -104,3 +104,15 @@ def to_device(batch: torch.Tensor, device: torch.device, channels_last: bool = T
 def pin_memory(device: torch.device) -> bool:
     """Whether DataLoaders feeding ``device`` should pin memory."""
     return device.type == "cuda"
+
+
+def for_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``, channels_last, in eval mode."""
+    return model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def images_to_device(arrays: list, device: torch.device) -> torch.Tensor:
+    """A (B, 1, h, w) batch on ``device`` from B equal-size 2-D float32 arrays (see `to_device`)."""
+    import numpy as np
+
+    return to_device(torch.from_numpy(np.stack(arrays)[:, None]), device)

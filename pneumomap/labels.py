@@ -74,6 +74,14 @@ class RsnaDataset:
         return [pid for pid in self.ids if self.split.get(pid) == split]
 
 
+def read_lung_mask(path: str | Path) -> np.ndarray:
+    """A lung-mask PNG as bool (lung = value > 127)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L")) > 127
+
+
 # ---------------------------------------------------------------- CSV reading helpers
 
 def _rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:

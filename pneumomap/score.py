@@ -114,14 +114,6 @@ def read_run_threshold(pred_dir: str | Path) -> float | None:
 
 # ----------------------------------------------------------------------------- truth
 
-def read_lung_mask(path: str | Path) -> np.ndarray:
-    """A lung-mask PNG as bool (lung = value > 127)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L")) > 127
-
-
 def box_array(boxes: Iterable) -> np.ndarray:
     """RSNA ``Box`` objects -> (n, 4) float array of x, y, width, height."""
     return np.array([[b.x, b.y, b.width, b.height] for b in boxes], dtype=np.float64).reshape(-1, 4)
@@ -129,7 +121,7 @@ def box_array(boxes: Iterable) -> np.ndarray:
 
 def truth_mask(dataset, pid: str, shape: tuple[int, int], truth_def: str = DEFAULT_TRUTH_DEF) -> np.ndarray:
     """The opacity truth of one image as bool ``shape``, by ``truth_def`` (see TRUTH_DEFS)."""
-    from pneumomap.labels import box_mask, opacity_target
+    from pneumomap.labels import box_mask, opacity_target, read_lung_mask
 
     boxes = dataset.boxes.get(pid, [])
     if truth_def == "boxes":

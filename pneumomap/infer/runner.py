@@ -202,8 +202,7 @@ def decode_ahead(paths: list[str], sizes: tuple[tuple[int, int], ...], workers: 
 
 def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> dict[str, Any]:
     """Load the stages of ``names`` (and the encoders their mappers decode); errors before any image."""
-    import torch
-
+    from pneumomap.device import for_inference
     from pneumomap.stages.base import load_stage
 
     wanted = _with_sources(pipeline, names)
@@ -226,7 +225,7 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
                 stage.attach_encoder(models[node.inputs[0]])
             except ValueError as exc:
                 raise RunError(f"nodes.{node.name}: cannot decode the encoder of '{node.inputs[0]}': {exc}") from None
-        models[node.name] = stage.to(device).to(memory_format=torch.channels_last).eval()
+        models[node.name] = for_inference(stage, device)
     from pneumomap.stages.inference import optimize_for_inference
 
     for name in models:  # after every mapper has attached to the eager encoder it decodes
@@ -285,10 +284,11 @@ class _Runner:
     def plan(self, items: list[Item]) -> tuple[list[Item], set[str]]:
         """(images to decode ahead, model nodes that may have to run)."""
         decode, needed = [], set()
+        gated = {n.name for n in self.pipeline.model_nodes if n.when and not self.options.ungated}
         for item in items:
             missing = {n.name for n in self.pipeline.model_nodes if not self.store.has(self.folder(n), item.image_id)}
             needed |= missing
-            if missing - {n.name for n in self.pipeline.model_nodes if n.when and not self.options.ungated}:
+            if missing - gated:
                 decode.append(item)
         return decode, needed
 
@@ -380,21 +380,14 @@ class _Runner:
                 st.inputs[("crop", lungs_node, size, side)] = array
         return st.inputs[key]
 
-    def batch(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        import torch
-
-        from pneumomap.device import to_device
-
-        return to_device(torch.from_numpy(np.stack(arrays)[:, None]), self.device)
-
     def compute(self, node: Node, states: list[_State]) -> list[np.ndarray]:
         """``node``'s outputs for ``states``, in network calls of `device.forward_batch` images."""
         import torch
 
-        from pneumomap.device import autocast, forward_batch
+        from pneumomap.device import autocast, forward_batch, images_to_device
 
         source = self.pipeline.nodes[node.inputs[0]] if node.type == "mapper" else node
-        x = self.batch([self.model_input(source, st) for st in states])
+        x = images_to_device([self.model_input(source, st) for st in states], self.device)
         step = forward_batch(self.device, self.options.batch_size)
         outputs: list[np.ndarray] = []
         with torch.inference_mode(), autocast(self.device, precision=self.options.precision):

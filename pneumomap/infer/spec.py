@@ -71,7 +71,6 @@ class Node:
     inputs: list[str]
     output: str  # value type
     params: dict[str, Any]  # resolved ($refs replaced by threshold values, defaults filled)
-    raw_params: dict[str, Any] = field(default_factory=dict)
     checkpoint: Path | None = None
     when: str | None = None
 
@@ -151,8 +150,8 @@ def resolve_checkpoint(directory: Path) -> Path:
 
 
 class _Errors:
-    def __init__(self, path: Path):
-        self.path, self.items = path, []
+    def __init__(self) -> None:
+        self.items: list[str] = []
 
     def add(self, key: str, message: str, hint: str = "") -> None:
         self.items.append(f"{key}: {message}" + (f" (hint: {hint})" if hint else ""))
@@ -269,7 +268,7 @@ def _check_checkpoint(name: str, value: Any, base: Path, kind: str, errors: _Err
 def parse(raw: Any, path: str | Path = "<pipeline>", check_checkpoints: bool = True) -> Pipeline:
     """Validate a loaded YAML document (see module doc); raise `PipelineError` with every problem."""
     path = Path(path)
-    errors = _Errors(path)
+    errors = _Errors()
     if not isinstance(raw, dict):
         raise PipelineError(path, [f"(top level): wrong type: expected a mapping with keys {', '.join(TOP_KEYS)}, "
                                    f"got {_type_name(raw)}"])
@@ -331,9 +330,7 @@ def parse(raw: Any, path: str | Path = "<pipeline>", check_checkpoints: bool = T
                        if kind == "stage" else "`when:` is for model nodes only", "remove it or name a gate node")
             when = None
         params = _resolve_params(f"{where}.params", body.get("params"), definition, thresholds, errors)
-        nodes[name] = Node(name, kind, type_, list(inputs), definition.output, params,
-                           dict(body.get("params") or {}) if isinstance(body.get("params"), dict) else {},
-                           checkpoint, when)
+        nodes[name] = Node(name, kind, type_, list(inputs), definition.output, params, checkpoint, when)
 
     order = _check_graph(nodes, raw_nodes, errors)
     if order is not None:

@@ -22,8 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from pneumomap.fileio import atomic_write_text, write_png
-
-DECISION_COLUMNS = ("gate", "right_extent", "left_extent", "right_choice", "left_choice", "level")
+from pneumomap.infer.spec import DECISION_COLUMNS
 FALLBACK_SIZE = (1024, 1024)
 
 

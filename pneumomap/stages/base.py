@@ -150,10 +150,6 @@ class Stage(nn.Module):
         """(h, w) of the model input."""
         return tuple(self.config.input_size)  # type: ignore[attr-defined]
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``config.yaml`` and ``weights.safetensors`` (atomically) into ``directory``."""
         from safetensors.torch import save

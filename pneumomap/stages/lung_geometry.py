@@ -68,8 +68,8 @@ def bounding_box(mask: np.ndarray) -> BoxT:
     return (int(r[0]), int(c[0]), int(r[-1]) + 1, int(c[-1]) + 1)
 
 
-def _fallback(shape: tuple[int, int]) -> LungSplit:
-    """Fixed crops: rows 15-90 %, cols 20-80 %, split at the middle column."""
+def fixed_split(shape: tuple[int, int]) -> LungSplit:
+    """The fallback split (``fallback=True``): fixed crops, rows 15-90 %, cols 20-80 %, split at the middle column."""
     h, w = shape
     r0, r1 = round(FALLBACK_ROWS[0] * h), round(FALLBACK_ROWS[1] * h)
     c0, c1 = round(FALLBACK_COLS[0] * w), round(FALLBACK_COLS[1] * w)
@@ -127,10 +127,10 @@ def split_lungs(mask: np.ndarray, threshold: float = 0.5) -> LungSplit:
     cleaned = clean_mask(mask, threshold)
     shape = cleaned.shape
     if cleaned.sum() < MIN_LUNG_FRACTION * cleaned.size:
-        return _fallback(shape)
+        return fixed_split(shape)
     sides = _two_sides(cleaned)
     if sides is None or min(s.sum() for s in sides) < MIN_SIDE_RATIO * max(s.sum() for s in sides):
-        return _fallback(shape)
+        return fixed_split(shape)
     right, left = sides
     return LungSplit(cleaned, right, left, bounding_box(right), bounding_box(left), fallback=False)
 

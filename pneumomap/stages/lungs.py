@@ -20,6 +20,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from pneumomap.stages import lung_geometry
+from pneumomap.stages.lung_geometry import fixed_split  # noqa: F401  (the fallback split, for callers of this module)
 from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_size, register_stage
 from pneumomap.stages.encoders import load_encoder_weights, note_random_weights
 
@@ -83,11 +84,6 @@ class Lungs(Stage):
             probs = probs.detach().float().cpu().numpy()
         probs = probs.reshape(len(probs), *probs.shape[-2:])
         return [lung_geometry.split_lungs(p, self.config.threshold) for p in probs]
-
-
-def fixed_split(shape: tuple[int, int]) -> lung_geometry.LungSplit:
-    """The fallback split (fixed lung-region crops, ``fallback=True``) for an image of ``shape``."""
-    return lung_geometry.split_lungs(np.zeros(shape, dtype=bool))
 
 
 def lung_half_inputs(pixels: np.ndarray, split: lung_geometry.LungSplit,

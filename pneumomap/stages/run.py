@@ -29,6 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pneumomap.device import for_inference, images_to_device
+
 KINDS = ("lungs", "classifier", "regressor", "mapper", "gradcam", "gradcam++")
 
 
@@ -80,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         if args.lungs is None and not args.fixed_crops:
             raise ValueError(f"a {stage.kind} on lung halves needs --lungs DIR (a lungs checkpoint) or --fixed-crops")
         if args.lungs is not None:
-            lungs = _prepare(load_stage(args.lungs), device)
+            lungs = for_inference(load_stage(args.lungs), device)
             if lungs.kind != "lungs":
                 raise ValueError(f"--lungs {args.lungs}: holds a {lungs.kind!r} stage, not 'lungs'")
     elif args.lungs is not None or args.fixed_crops:
         raise ValueError(f"--lungs/--fixed-crops apply to stages on lung halves, not to '{args.kind}'")
-    model = _prepare(stage, device)
+    model = for_inference(stage, device)
     if args.kind.startswith("gradcam"):
         from pneumomap.stages.gradcam import GradCAM
 
@@ -115,10 +117,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(stage: torch.nn.Module, device: torch.device) -> Any:
-    return stage.to(device).to(memory_format=torch.channels_last).eval()
-
-
 def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
@@ -130,19 +128,13 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _tensor(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    from pneumomap.device import to_device
-
-    return to_device(torch.from_numpy(np.stack(arrays))[:, None], device)
-
-
 def _run_batch(model: Any, stage: Any, images: list[Any], writer: "_Writer", device: torch.device,
                lungs: Any, on_halves: bool) -> None:
     from pneumomap.stages.lungs import fixed_split, lung_half_inputs
     from pneumomap.stages.preprocess import to_model_input
 
     if stage.kind == "lungs":
-        probs = model.predict(_tensor([to_model_input(r.pixels, stage.input_size) for r in images], device))
+        probs = model.predict(images_to_device([to_model_input(r.pixels, stage.input_size) for r in images], device))
         for image, prob, split in zip(images, probs[:, 0].float().cpu().numpy(), model.splits(probs)):
             writer.lungs(image, prob, split)
         return
@@ -150,7 +142,7 @@ def _run_batch(model: Any, stage: Any, images: list[Any], writer: "_Writer", dev
     fallback: list[Any] = [None] * len(images)
     if on_halves:
         if lungs is not None:
-            probs = lungs.predict(_tensor([to_model_input(r.pixels, lungs.input_size) for r in images], device))
+            probs = lungs.predict(images_to_device([to_model_input(r.pixels, lungs.input_size) for r in images], device))
             splits = lungs.splits(probs)
         else:
             splits = [fixed_split(r.pixels.shape) for r in images]
@@ -161,7 +153,7 @@ def _run_batch(model: Any, stage: Any, images: list[Any], writer: "_Writer", dev
         fallback = [s.fallback for s in splits]
     else:
         inputs = [to_model_input(r.pixels, stage.input_size) for r in images]
-    outputs = model.predict(_tensor(inputs, device)).float().cpu().numpy()
+    outputs = model.predict(images_to_device(inputs, device)).float().cpu().numpy()
     for image, output, box, fb in zip(images, outputs, boxes, fallback):
         if outputs.ndim == 4:
             writer.map(image, output[0], box)

@@ -34,14 +34,6 @@ Size = tuple[int, int]
 
 # ---------------------------------------------------------------- preparing one item
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """An 8-bit lung-mask PNG as bool (lung = value > 127)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L")) > 127
-
-
 def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
     """A bool mask resized (anti-aliased, then thresholded at 0.5) to uint8 {0, 1}."""
     return (resize(mask.astype(np.float32), size) >= 0.5).astype(np.uint8)
@@ -62,7 +54,7 @@ def side_crops(pixels: np.ndarray, target: np.ndarray | None, lungs: np.ndarray,
 def prepare_lungs(pair: tuple[str, str], size: Size) -> dict:
     """(image path, mask path) -> image and lung mask at the stage size."""
     pixels = read_image(pair[0]).pixels
-    mask = read_mask(pair[1])
+    mask = rsna.read_lung_mask(pair[1])
     if mask.shape != pixels.shape:
         raise UnreadableImageError(pair[1], f"mask {mask.shape} does not match the image {pixels.shape}")
     return {"image": to_model_input(pixels, size), "target": resize_mask(mask, size)}
@@ -74,7 +66,7 @@ def prepare_rsna(pid: str, data: rsna.RsnaDataset, spec: StageSpec, size: Size, 
     if spec.kind == "classifier":
         target = rsna.CLASSES.index(data.cls[pid]) if target_kind == "three_class" else data.target[pid]
         return {"image": to_model_input(pixels, size), "target": np.float32(target)}
-    lungs = read_mask(data.mask_path(pid))
+    lungs = rsna.read_lung_mask(data.mask_path(pid))
     if lungs.shape != pixels.shape:
         raise UnreadableImageError(data.mask_path(pid), f"lung mask {lungs.shape} does not match the image {pixels.shape}")
     boxes = data.boxes[pid]
