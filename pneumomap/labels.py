@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumomap.stages.lung_geometry import split_lungs
+from pneumomap.stages.lung_geometry import LungSplit, split_lungs
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +275,10 @@ def opacity_target(boxes: list[Box], lung_mask: np.ndarray, ellipse: bool = Fals
 
 def side_extents(boxes: list[Box], lung_mask: np.ndarray, ellipse: bool = False) -> tuple[float, float]:
     """(right, left): area(boxes & lung side) / area(lung side); the patient's right first."""
-    sides = split_lungs(np.asarray(lung_mask) > 0)
+    return split_extents(boxes, split_lungs(np.asarray(lung_mask) > 0), ellipse)
+
+
+def split_extents(boxes: list[Box], sides: LungSplit, ellipse: bool = False) -> tuple[float, float]:
+    """`side_extents` of an already split lung mask."""
     covered = box_mask(boxes, sides.mask.shape, ellipse)
     return tuple(float((covered & side).sum() / max(int(side.sum()), 1)) for side in (sides.right, sides.left))

@@ -95,9 +95,7 @@ class Lungs:
 def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     from pneumomap.stages.preprocess import resize
 
-    if array.shape == tuple(shape):
-        return array
-    return np.asarray(resize(array.astype(np.float32), tuple(shape)), dtype=np.float32)
+    return resize(array.astype(np.float32, copy=False), tuple(shape))  # float32, the same array at its size
 
 
 # ----------------------------------------------------------------------------- ops
@@ -129,8 +127,8 @@ def combine(lungs: Lungs, whole: np.ndarray | None, right: np.ndarray | None = N
     if whole is None and right is None and left is None:
         return None
     frame = lungs.shape
-    out = np.zeros(frame, np.float32) if whole is None else _resize(whole, frame).copy()
-    base = out.copy()
+    base = np.zeros(frame, np.float32) if whole is None else _resize(whole, frame)
+    out = base.copy()
     for side, lung_map, how in (("right", right, right_choice), ("left", left, left_choice)):
         if how == "whole" or (lung_map is None and how == "lung"):
             continue

@@ -295,14 +295,14 @@ class _Runner:
     # -- one chunk
 
     def process(self, states: list[_State]) -> None:
-        for st in states:
-            meta = st.radiograph.meta if st.radiograph is not None else self.store.load_json(
-                art.META, st.item.image_id, st.item.signature)
-            if meta is None:  # no stored size and not decoded yet (gated outputs stored, meta lost)
+        for st in states:  # the image size: set when decoded (`accept`), else from the store
+            if IMAGE in st.values or st.failure is not None:
+                continue
+            meta = self.store.load_json(art.META, st.item.image_id, st.item.signature)
+            if meta is None:  # no stored size (gated outputs stored, meta lost): decode it
                 self.ensure_image(st)
-                meta = st.radiograph.meta if st.radiograph is not None else None
-            if meta is not None:
-                st.values[IMAGE] = ImageSize(int(_get(meta, "height")), int(_get(meta, "width")))
+            else:
+                st.values[IMAGE] = ImageSize(int(meta["height"]), int(meta["width"]))
         for node in self.pipeline.nodes.values():
             start = time.perf_counter()
             live = [st for st in states if st.failure is None]
@@ -436,10 +436,6 @@ class _Runner:
                                      {c: st.values[n] for c, n in outputs.decisions.items()}, map8, outputs.rsna)
         self.store.save_json(self.post, item.image_id, {"record": vars(record), "source": item.signature})
         return record
-
-
-def _get(meta: Any, key: str) -> Any:
-    return meta[key] if isinstance(meta, dict) else getattr(meta, key)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

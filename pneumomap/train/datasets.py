@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pneumomap import labels as rsna
-from pneumomap.stages.lung_geometry import crop, split_lungs
+from pneumomap.stages.lung_geometry import LungSplit, crop, split_lungs
 from pneumomap.stages.lungs import lung_half_inputs
 from pneumomap.stages.preprocess import resize, to_model_input
 from pneumomap.stages.reader import UnreadableImageError, read_image
@@ -39,9 +39,8 @@ def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
     return (resize(mask.astype(np.float32), size) >= 0.5).astype(np.uint8)
 
 
-def side_crops(pixels: np.ndarray, target: np.ndarray | None, lungs: np.ndarray, size: Size) -> dict:
+def side_crops(pixels: np.ndarray, target: np.ndarray | None, split: LungSplit, size: Size) -> dict:
     """Both lung-half model inputs (`lung_half_inputs`, as at inference) and crops of an optional target map."""
-    split = split_lungs(lungs)
     sample = {}
     for side, (image, box) in lung_half_inputs(pixels, split, size).items():
         sample[f"image_{side}"] = image
@@ -71,13 +70,14 @@ def prepare_rsna(pid: str, data: rsna.RsnaDataset, spec: StageSpec, size: Size, 
         raise UnreadableImageError(data.mask_path(pid), f"lung mask {lungs.shape} does not match the image {pixels.shape}")
     boxes = data.boxes[pid]
     if spec.kind == "regressor":
-        sample = side_crops(pixels, None, lungs, size)
-        right, left = rsna.side_extents(boxes, lungs)
-        return {**sample, "target_right": np.float32(right), "target_left": np.float32(left)}
+        split = split_lungs(lungs)
+        right, left = rsna.split_extents(boxes, split)
+        return {**side_crops(pixels, None, split, size), "target_right": np.float32(right),
+                "target_left": np.float32(left)}
     opacity = rsna.opacity_target(boxes, lungs)
     if spec.side is None:  # mapper over the whole image
         return {"image": to_model_input(pixels, size), "target": resize_mask(opacity, size)}
-    return side_crops(pixels, opacity, lungs, size)
+    return side_crops(pixels, opacity, split_lungs(lungs), size)
 
 
 def _safe(prepare: Callable[[object], dict], key) -> dict | None:
