@@ -70,3 +70,16 @@ def test_crop_resizes_box_to_size():
 def test_module_does_not_depend_on_train_or_infer():
     source = Path(lg.__file__).read_text()
     assert "pneumomap.train" not in source and "pneumomap.infer" not in source
+
+
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+
+    from pneumomap.stages.lung_geometry import fill_holes
+
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        mask = ndimage.binary_opening(rng.random((40, 56)) < rng.uniform(0.3, 0.8))
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    for mask in (np.zeros((9, 7), bool), np.ones((9, 7), bool)):
+        assert np.array_equal(fill_holes(mask), mask)

@@ -148,7 +148,7 @@ def overestimate(prob_map: np.ndarray | None, level: str = "low", low: dict | No
                  high: dict | None = None) -> np.ndarray | None:
     """Grow the map: grey dilation by a disk of ``dilate`` px, then add ``raise`` (clipped to 1).
 
-    The disk is skimage's fast sequence decomposition (close to a disk; 5x faster at r=12).
+    The disk is skimage's fast sequence decomposition (close to a disk), applied by `dilate_disk`.
 
     The amounts come from ``low`` or ``high`` as chosen by ``level``: missed opacity costs far
     more than a false alarm in the challenge's metric.
@@ -157,14 +157,45 @@ def overestimate(prob_map: np.ndarray | None, level: str = "low", low: dict | No
         return None
     amounts = (high if level == "high" else low) or {}
     radius, lift = int(amounts.get("dilate", 0)), float(amounts.get("raise", 0.0))
-    out = prob_map.astype(np.float32, copy=True)
-    if radius > 0:
-        from skimage.morphology import dilation, disk
-
-        out = dilation(out, disk(radius, decomposition="sequence"))
+    out = dilate_disk(prob_map, radius) if radius > 0 else prob_map.astype(np.float32, copy=True)
     if lift:
-        out = np.clip(out + lift, 0.0, 1.0)
-    return out.astype(np.float32, copy=False)
+        out = np.clip(out + np.float32(lift), 0.0, 1.0, out=out)
+    return out
+
+
+def dilate_disk(values: np.ndarray, radius: int) -> np.ndarray:
+    """Grey dilation (float32) by skimage's sequence decomposition of a disk: a series of 3x3
+    footprints, each the maximum of the image shifted by its offsets, on the image padded with
+    -inf, so pixels past the edges are left out (skimage pads by reflection instead, which differs
+    next to the edges only). 512 px, radius 12: 3.3 ms against skimage's 10.7 (radius 4: 1.0 against 7.9)."""
+    from skimage.morphology import disk
+
+    sequence = disk(radius, decomposition="sequence")
+    pad = sum(int(repeats) for _, repeats in sequence)  # how far any value can travel
+    current = np.pad(values.astype(np.float32, copy=False), pad, constant_values=-np.inf)
+    spare = np.empty_like(current)
+    for footprint, repeats in sequence:
+        offsets = [(int(y) - 1, int(x) - 1) for y, x in zip(*np.nonzero(footprint)) if (y, x) != (1, 1)]
+        for _ in range(int(repeats)):
+            np.copyto(spare, current)
+            if footprint.all():  # the 3x3 square is separable: rows, then columns
+                for dx in (-1, 1):
+                    _max_shifted(current, spare, 0, dx)
+                np.copyto(current, spare)
+                for dy in (-1, 1):
+                    _max_shifted(current, spare, dy, 0)
+            else:
+                for dy, dx in offsets:
+                    _max_shifted(current, spare, dy, dx)
+            current, spare = spare, current
+    return np.ascontiguousarray(current[pad:-pad, pad:-pad])
+
+
+def _max_shifted(source: np.ndarray, out: np.ndarray, dy: int, dx: int) -> None:
+    """``out[y, x] = max(out[y, x], source[y + dy, x + dx])`` wherever both lie inside the image."""
+    h, w = source.shape
+    target = out[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    np.maximum(target, source[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)], out=target)
 
 
 def resize(prob_map: np.ndarray | None, image: Any) -> np.ndarray:

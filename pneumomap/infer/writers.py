@@ -53,13 +53,21 @@ def boxes_from_map(map8: np.ndarray, threshold: float = 0.5, min_area: int = 0) 
     """(confidence, x, y, width, height) of each connected component of ``map8 / 255 >= threshold``.
 
     Confidence is the mean probability inside the component; boxes are in original pixels,
-    sorted by decreasing confidence.
+    sorted by decreasing confidence. The threshold is applied to the 8-bit values themselves
+    (the smallest value whose probability reaches it), so a map with no pixel above it (every
+    gated negative) costs one comparison.
     """
     from skimage.measure import label, regionprops
 
+    above = np.flatnonzero(np.arange(256, dtype=np.float32) / np.float32(255.0) >= threshold)
+    if not len(above):
+        return []
+    binary = map8 >= above[0]
+    if not binary.any():
+        return []
     prob = map8.astype(np.float32) / 255.0
     boxes = []
-    for region in regionprops(label(prob >= threshold, connectivity=2), intensity_image=prob):
+    for region in regionprops(label(binary, connectivity=2), intensity_image=prob):
         if region.area < min_area:
             continue
         r0, c0, r1, c1 = region.bbox

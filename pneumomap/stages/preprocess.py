@@ -5,7 +5,10 @@ Measured on one CPU core, 1024x1024 float32 -> 512x512: skimage ``resize`` with 
 anti-aliasing ~17 ms; ``resize_local_mean`` (area averaging, anti-aliased by construction)
 ~11 ms, so shrinking uses the latter; enlarging uses spline interpolation without smoothing.
 Shrinking by whole factors (RSNA's 1024 px to 512: the same area averages, to 1e-7) and
-enlarging masks by whole factors take strided sums and repeats instead: ~1 ms.
+enlarging masks by whole factors take strided sums and repeats instead: ~1 ms. Enlarging a 2-D
+float array linearly (order 1, both sides at least as large) uses torch's bilinear interpolation
+with skimage's mirrored edges (equal to skimage to 2e-7 at whole factors, 5e-5 otherwise):
+512 -> 1024 px 11.5 -> 0.9 ms, 512 -> 2000x2500 54 -> 3.3 ms.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def resize(array: np.ndarray, size: tuple[int, int], order: int = 1) -> np.ndarr
     factors = _whole_factors(array.shape[:2], size)
     if factors is not None and values.ndim == 2:
         out = _block_mean(values, *factors)
+    elif order == 1 and not shrink and values.ndim == 2 and min(values.shape) >= 2:
+        out = _enlarge_linear(values, size)
     elif shrink and not grow:
         channel_axis = -1 if values.ndim == 3 else None
         out = resize_local_mean(values, size, preserve_range=True, channel_axis=channel_axis)
@@ -75,6 +80,41 @@ def _block_mean(values: np.ndarray, fy: int, fx: int) -> np.ndarray:
         for j in range(fx):
             out += rows[:, j::fx]
     out *= np.float32(1.0 / (fy * fx))
+    return out
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per output sample along one axis: (first index, second index, weight of the second, whether
+    a tap lies past an edge). Pixel centres aligned (``(j + 0.5) * n_in / n_out - 0.5``); indices
+    past an edge are mirrored about the edge pixel (-1 -> 1, n -> n - 2), as skimage does."""
+    x = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    first = np.floor(x).astype(np.intp)
+    weight = (x - first).astype(np.float32)
+    second = first + 1
+    edge = (first < 0) | (second > n_in - 1)
+    first[first < 0] = 1
+    second[second > n_in - 1] = n_in - 2
+    return first, second, weight, edge
+
+
+def _enlarge_linear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear enlarging of a 2-D float32 array (each side >= 2 px): torch's interpolation (pixel
+    centres aligned, edges clamped), then the few rows and columns next to an edge recomputed with
+    mirrored taps."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(values))[None, None], size=size,
+                            mode="bilinear", align_corners=False)[0, 0].numpy()
+    r0, r1, wr, rows = _linear_taps(values.shape[0], size[0])
+    c0, c1, wc, cols = _linear_taps(values.shape[1], size[1])
+    if rows.any():
+        part = values[r0[rows]] * (1 - wr[rows])[:, None] + values[r1[rows]] * wr[rows][:, None]
+        out[rows] = part[:, c0] * (1 - wc) + part[:, c1] * wc
+    if cols.any():
+        part = values[:, c0[cols]] * (1 - wc[cols]) + values[:, c1[cols]] * wc[cols]
+        out[:, cols] = part[r0] * (1 - wr)[:, None] + part[r1] * wr[:, None]
     return out
 
 
