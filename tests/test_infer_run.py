@@ -264,16 +264,19 @@ def test_decode_workers_run_at_the_lowest_priority_and_the_caller_does_not():
 
 
 def test_cpu_defaults_and_precisions(tiny, tmp_path):
-    """On the CPU: no decode workers, one image per network call, fp32; bf16 gives nearly the same
-    outputs; fp16 (CUDA only) is refused before any image."""
-    fp32 = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp32", RunOptions(progress=False, batch_size=3))
-    assert fp32["workers"] == 0 and fp32["precision"] == "auto" and fp32["device"] == "cpu"
+    """On the CPU: no decode workers, one image per network call, bf16 where the processor has it
+    (else fp32); bf16 gives nearly the fp32 outputs; fp16 (CUDA only) is refused before any image."""
+    from pneumomap.device import native_bf16
+
+    auto = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "auto", RunOptions(progress=False, batch_size=3))
+    cpu_bf16 = native_bf16(torch.device("cpu"))
+    assert auto["workers"] == 0 and auto["device"] == "cpu" and auto["precision"] == ("bf16" if cpu_bf16 else "fp32")
+    fp32 = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp32", RunOptions(precision="fp32", **FAST))
+    assert fp32["precision"] == "fp32"
     with pytest.raises(runner.RunError, match="fp16 needs CUDA"):
         runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp16", RunOptions(precision="fp16", **FAST))
     assert not (tmp_path / "fp16" / "maps").exists()
-    from pneumomap.device import native_bf16
-
-    if not native_bf16(torch.device("cpu")):
+    if not cpu_bf16:
         with pytest.raises(runner.RunError, match="no native"):
             runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
         pytest.skip("this processor has no native bfloat16: refused, as it should be")
@@ -286,6 +289,9 @@ def test_cpu_defaults_and_precisions(tiny, tmp_path):
         m32 = np.asarray(Image.open(name), dtype=np.int16)
         m16 = np.asarray(Image.open(tmp_path / "bf16" / "maps" / name.name), dtype=np.int16)
         assert np.mean(np.abs(m32 - m16) <= 2) > 0.98  # a few pixels may cross a lung-mask edge
+    # stored outputs are keyed by precision: bf16 over the fp32 run's folder computes every network again
+    again = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp32", RunOptions(precision="bf16", **FAST))
+    assert again["computed"]["lungs"] == fp32["computed"]["lungs"] > 0
 
 
 def test_one_image_per_network_call_equals_whole_batches(tiny, tmp_path, monkeypatch):

@@ -107,3 +107,17 @@ def test_linear_enlarging_equals_skimage(shape, size):
     out = resize(values, size)
     assert out.dtype == np.float32 and out.shape == size
     assert np.abs(out - expected).max() < 1e-5  # mirrored edges as skimage; torch's float grid inside
+
+
+def test_percentiles_equal_numpy_exactly():
+    from pneumomap.stages.preprocess import percentiles
+
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        n = int(rng.choice([1, 2, 3, 7, 10, 201, 4097]))
+        values = rng.integers(0, int(rng.choice([1, 255, 4095, 65535])) + 1, n)
+        values = values.astype(rng.choice([np.float32, np.uint16, np.int32]))
+        q = (float(rng.choice([0, 0.5, 50, 99.5, 100])), float(rng.uniform(0, 100)))
+        assert percentiles(values, q) == [float(v) for v in np.percentile(values, q)]
+    for values in (rng.normal(size=50).astype(np.float32), np.array([-3, 7, 70000]), np.array([0.5, 2.0])):
+        assert percentiles(values, (0.5, 99.5)) == [float(v) for v in np.percentile(values, (0.5, 99.5))]

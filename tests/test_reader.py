@@ -353,3 +353,11 @@ def test_list_images_directory_listfile_and_file(tmp_path):
 def test_meta_is_a_plain_dataclass():
     meta = read_image(NIH_PNG).meta
     assert isinstance(meta, ImageMeta) and meta.image_id == "00000001_000" and meta.flags == []
+
+
+def test_jpeg_baseline_fast_decoder_gives_the_same_pixels(monkeypatch):
+    from pneumomap.stages import reader
+
+    fast = read_image(SIIM).pixels
+    monkeypatch.setattr(reader, "FAST_DECODERS", {})  # pydicom's own order (gdcm first)
+    assert np.array_equal(fast, read_image(SIIM).pixels)

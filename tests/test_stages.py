@@ -86,6 +86,18 @@ def test_lung_half_inputs_in_original_coordinates():
     assert pasted.shape == (200, 160) and pasted.sum() == (rbox[2] - rbox[0]) * (rbox[3] - rbox[1])
 
 
+def test_lung_half_inputs_equal_normalizing_the_whole_image_then_cropping():
+    from pneumomap.stages.lung_geometry import crop
+    from pneumomap.stages.lungs import fixed_split, lung_half_inputs
+    from pneumomap.stages.preprocess import normalize
+
+    rng = np.random.default_rng(1)
+    for pixels in (rng.integers(0, 4096, (180, 150)).astype(np.float32), rng.normal(size=(180, 150)).astype(np.float32)):
+        pixels[5, 5] = 1e5  # an outlier outside the boxes
+        for side, (x, box) in lung_half_inputs(pixels, fixed_split((64, 64)), size=(64, 40)).items():
+            assert np.array_equal(x, crop(normalize(pixels), box, (64, 40))), side
+
+
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_convnext"])
 def test_classifier_binary(backbone):
     clf = tiny("classifier", backbones=[backbone])

@@ -6,9 +6,9 @@ Layout under ``OUT/.artifacts/``::
     meta/<image_id>.json          original height/width of the image
     post-<key>/<image_id>.json    the image's finished `Record` (its map PNG is in OUT/maps/)
 
-A model node's key hashes its kind, parameters, checkpoint files (config.yaml and weights)
-and the keys of the model nodes it reads, so a new checkpoint re-runs that node and its
-dependants only. The post key hashes every model key plus every op, the thresholds and the
+A model node's key hashes its kind, parameters, checkpoint files (config.yaml and weights),
+the precision it runs at and the keys of the model nodes it reads, so a new checkpoint re-runs
+that node and its dependants only. The post key hashes every model key plus every op, the thresholds and the
 outputs block, so changing post-processing re-runs post-processing only, from stored outputs.
 Every stored file carries the input file's size and mtime; a changed input is recomputed.
 
@@ -52,14 +52,16 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def node_keys(pipeline: Pipeline) -> dict[str, str]:
-    """Model node name -> artifact key (see module doc)."""
+def node_keys(pipeline: Pipeline, precision: str | None = None) -> dict[str, str]:
+    """Model node name -> artifact key (see module doc); ``precision`` (the resolved inference
+    precision, `pneumomap.device.inference_precision`) is part of it, so outputs computed at
+    another precision are not reused. None: keys for the run's identity only (shard parts)."""
     keys: dict[str, str] = {}
     for node in pipeline.model_nodes:
         checkpoint = {f: file_hash(node.checkpoint / f) for f in CHECKPOINT_FILES}
         inputs = [keys.get(i, i) for i in node.inputs]
         keys[node.name] = _digest({"stage": node.type, "params": node.params, "checkpoint": checkpoint,
-                                   "inputs": inputs, "format": 1})
+                                   "inputs": inputs, "precision": precision, "format": 1})
     return keys
 
 

@@ -7,13 +7,15 @@ whole-image resize/normalise) runs ahead in worker processes (`decode_ahead`: at
 batches ahead, so memory stays flat however long the input list), overlapping the networks.
 Each classifier/regressor encoder runs once per image: its features feed its own head and
 every mapper that decodes it (a mapper only recomputes them when its source's output came
-from the store). CUDA: AMP + channels_last; CPU: channels_last. Nothing per image outlives
+from the store). CUDA: fp16 AMP + channels_last; CPU: channels_last, bf16 autocast where the
+processor computes it natively (`RunOptions.precision`, `device.inference_precision`). On the
+CPU decoding runs in the main process between the networks (`device.decode_workers`). Nothing per image outlives
 its chunk except its `writers.Record` (the few formatted cells of the final tables).
 
 Python API::
 
     summary = run(pipeline, inputs, out, RunOptions(...))      # what `pneumomap infer` calls
-    outputs = load_outputs(pipeline, out, inputs)              # stored model outputs of a run
+    outputs = load_outputs(pipeline, out, inputs, options)     # stored model outputs of a run
     values = postprocess(pipeline.with_thresholds(t), outputs[i])   # ops only, no network
     map8 = values[pipeline.outputs.map]; p = values[pipeline.outputs.probability]
 
@@ -27,7 +29,7 @@ import contextlib
 import functools
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -54,7 +56,7 @@ class RunOptions:
     device: str = "auto"
     batch_size: int = 8  # images per chunk (and per network call on CUDA; one at a time on the CPU)
     workers: int | None = None  # decode processes; None: `device.decode_workers` (4 beside a GPU, 0 on the CPU)
-    precision: str = "auto"  # `device.autocast`: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16
+    precision: str = "auto"  # `device.inference_precision`: auto (fp16 CUDA; bf16 native-bf16 CPU, else fp32), fp32, fp16, bf16
     shard: tuple[int, int] | None = None  # (index, count); None: from torchrun's RANK/WORLD_SIZE or (0, 1)
     artifacts: bool = True  # keep per-image model outputs under OUT/.artifacts (resume, re-runs)
     ungated: bool = False  # compute gated model nodes for every image too (for tuning); outputs unchanged
@@ -116,14 +118,19 @@ def postprocess(pipeline: Pipeline, stored: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def load_outputs(pipeline: Pipeline, out: str | Path, inputs: str | Path | list) -> list[dict[str, Any]]:
+def load_outputs(pipeline: Pipeline, out: str | Path, inputs: str | Path | list,
+                 options: RunOptions | None = None) -> list[dict[str, Any]]:
     """The stored model outputs of a run into ``out``, one dict per input image (input order).
 
     Keys: each model node (value, or MISSING when never computed), ``image`` (`ImageSize`),
     ``image_id``. Images without stored outputs (unreadable, or not run yet) are left out.
+    ``options``: the run's device and precision (those outputs are looked up).
     """
+    from pneumomap.device import resolve_device
+
+    options = options or RunOptions()
     store = art.ArtifactStore(Path(out) / art.ARTIFACTS)
-    keys = art.node_keys(pipeline)
+    keys = art.node_keys(pipeline, run_precision(resolve_device(options.device), options.precision))
     thresholds = _lung_thresholds(pipeline)
     result = []
     for item in list_items(inputs):
@@ -147,6 +154,16 @@ def _value(node: Node, stored: np.ndarray, lung_thresholds: dict[str, float]) ->
 
         return Lungs(lung_geometry.split_lungs(value, lung_thresholds[node.name]))
     return value
+
+
+def run_precision(device: torch.device, precision: str) -> str:
+    """`device.inference_precision`, its refusal as a `RunError`."""
+    from pneumomap.device import inference_precision
+
+    try:
+        return inference_precision(device, precision)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
 
 
 def _lung_thresholds(pipeline: Pipeline) -> dict[str, float]:
@@ -261,7 +278,7 @@ class _Runner:
     def __init__(self, pipeline: Pipeline, out: Path, options: RunOptions, device: torch.device):
         self.pipeline, self.out, self.options, self.device = pipeline, out, options, device
         self.store = art.ArtifactStore(out / art.ARTIFACTS if options.artifacts else None)
-        self.keys = art.node_keys(pipeline)
+        self.keys = art.node_keys(pipeline, options.precision)
         self.post = art.post_folder(art.post_key(pipeline, self.keys))
         self.lung_thresholds = _lung_thresholds(pipeline)
         self.models: dict[str, Any] = {}
@@ -463,7 +480,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     Raises `RunError` (or `PipelineError`) before any image is processed when the pipeline,
     a checkpoint, the inputs or the output folder is unusable.
     """
-    from pneumomap.device import check_precision, decode_workers, resolve_device
+    from pneumomap.device import decode_workers, resolve_device
 
     options = options or RunOptions()
     pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
@@ -473,10 +490,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     index, count = options.shard or sharding.from_environment()
     items = all_items[index::count]
     device = resolve_device(options.device)
-    try:
-        check_precision(device, options.precision)
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
+    options = replace(options, precision=run_precision(device, options.precision))
     workers = decode_workers(device, options.workers)
     runner = _Runner(pipeline, out, options, device)
     started = time.perf_counter()

@@ -308,11 +308,11 @@ def stored_outputs(pipeline: Pipeline, paths: list[Path], work: Path, options: r
     """Every model output of ``paths`` (gated ones too), from ``work``; runs the networks only for what is
     missing. Returns (outputs, whether the pipeline ran)."""
     expected = {p.stem for p in paths} - _failed_ids(work)
-    stored = runner.load_outputs(pipeline, work, paths) if work.is_dir() else []
+    stored = runner.load_outputs(pipeline, work, paths, options) if work.is_dir() else []
     if _complete(pipeline, stored, expected):
         return stored, False
     runner.run(pipeline, paths, work, options)
-    stored = runner.load_outputs(pipeline, work, paths)
+    stored = runner.load_outputs(pipeline, work, paths, options)
     return [s for s in stored if all(s[n.name] is not MISSING for n in pipeline.model_nodes)], True
 
 

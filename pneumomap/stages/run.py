@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="image-decoding worker processes (default: 4 beside a GPU, 0 on the CPU)")
     parser.add_argument("--npy", action="store_true", help="also write the float maps as .npy (model input size)")
+    from pneumomap.infer.cli import add_precision_argument
+
+    add_precision_argument(parser)
     lungs = parser.add_mutually_exclusive_group()
     lungs.add_argument("--lungs", type=Path, help="lungs checkpoint, for the stages that run on lung halves")
     lungs.add_argument("--fixed-crops", action="store_true",
@@ -64,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pneumomap.device import autocast, decode_workers, forward_batch, resolve_device
+    from pneumomap.device import autocast, decode_workers, forward_batch, inference_precision, resolve_device
     from pneumomap.stages.base import load_stage
     from pneumomap.stages.inference import optimize_for_inference
     from pneumomap.stages.reader import UnreadableImageError, list_images, read_images
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     device = resolve_device(args.device)
+    precision = inference_precision(device, args.precision)  # refused before any image
     stage = load_stage(args.checkpoint, map_location="cpu")
     expected = "classifier" if args.kind.startswith("gradcam") else args.kind
     if stage.kind != expected:
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             for failure in (item for item in batch if isinstance(item, UnreadableImageError)):
                 writer.failure(failure)
             if images:
-                with autocast(device):
+                with autocast(device, precision=precision):
                     _run_batch(model, stage, images, writer, device, lungs, on_halves)
             bar.update(len(batch))
     writer.close()
