@@ -7,7 +7,7 @@
     EfficientNet-B4 everywhere), the gate's threshold at the median classifier probability so
     that about half of the images pass (the fraction is printed), no stored artifacts, batch 8,
     the default decode workers (none on the CPU): exactly what `pneumomap infer --no-artifacts`
-    does, at each ``--precision`` (default: auto, i.e. fp32 on the CPU, and bf16);
+    does, at each ``--precision`` (default: auto, i.e. bf16 on a CPU with native bfloat16, and fp32);
 (b) a naive loop as a notebook would write it: each image read in the main process, every
     network run separately at batch size 1 in NCHW, eager, each mapper with its own encoder,
     no gate. Both write the same kind of maps.
@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pneumomap.device import inference_precision  # noqa: E402
 from pneumomap.infer import runner, spec  # noqa: E402
 from pneumomap.infer.ops import Lungs  # noqa: E402
 from pneumomap.infer.tiny import write_inputs, write_pipeline  # noqa: E402
@@ -160,8 +161,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each (a), (b), pure forward in turn; "
                         "the medians are reported (default: %(default)s)")
-    parser.add_argument("--precision", default="auto,bf16", help="(a) and its pure forwards at each of these "
-                        "--precision values (default: %(default)s; auto is fp32 on the CPU)")
+    parser.add_argument("--precision", default="auto,fp32", help="(a) and its pure forwards at each of these "
+                        "--precision values (default: %(default)s; auto is bf16 on CPUs with native bfloat16, else fp32)")
     parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
     parser.add_argument("--skip-speed", action="store_true", help="only the peak-RSS check")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))
@@ -204,6 +205,7 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
     pipeline = spec.load(path)
     options = runner.RunOptions(artifacts=False, progress=False, batch_size=args.batch_size)  # infer's defaults
     precisions = [p for p in args.precision.split(",") if p]
+    resolved = {p: inference_precision(torch.device("cpu"), p) for p in precisions}  # what (a) runs at
     # gate at the median probability: about half of the images pass
     probe = runner.run(pipeline.with_thresholds({**pipeline.thresholds, "classifier": 1.0}), images,
                        out / "probe", options)
@@ -219,7 +221,7 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
     warm = paths[:args.batch_size]  # warm-up: one batch through (a), one image through (b), one batch of pure
     for p in precisions:
         runner.run(pipeline, warm, out / "warm_a", dataclasses.replace(options, precision=p))
-        pure_forward(models_pure[p], len(warm), len(warm), args.batch_size, p)
+        pure_forward(models_pure[p], len(warm), len(warm), args.batch_size, resolved[p])
     naive(pipeline, models_b, warm[:1], (out / "warm_b").resolve())
 
     rounds = []
@@ -231,7 +233,8 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
             positives = full["computed"]["mapper_whole"] - small["computed"]["mapper_whole"]
             row[p] = {"pneumomap_seconds": round(per_image_part(full) - per_image_part(small), 2),
                       "pure_forward_seconds": round(pure_forward(models_pure[p], len(extra), positives,
-                                                                 args.batch_size, p), 2),
+                                                                 args.batch_size, resolved[p]), 2),
+                      "precision": full["precision"],
                       "gate_pass_fraction": round(positives / len(extra), 3),
                       "whole_command_seconds": {str(args.n_small): small["wall_seconds"], str(args.n): full["wall_seconds"]},
                       "setup_seconds": full["setup_seconds"], "trace_seconds": full["trace_seconds"],
@@ -259,7 +262,8 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
                          "pneumomap_images_per_second": round(len(extra) / median(p, "pneumomap_seconds"), 3),
                          "pure_forward_seconds": median(p, "pure_forward_seconds"),
                          "speedup_median": median(p, "speedup"), "overhead_median": median(p, "overhead"),
-                         "gate_pass_fraction": rounds[-1][p]["gate_pass_fraction"]} for p in precisions}
+                         "gate_pass_fraction": rounds[-1][p]["gate_pass_fraction"],
+                         "precision": resolved[p]} for p in precisions}
     return {
         "images": len(paths), "measured_images": len(extra), "size": args.size, "batch_size": args.batch_size,
         "repeats": args.repeats, "gate_threshold": threshold, "probe_seconds": probe["wall_seconds"],

@@ -94,3 +94,12 @@ def test_dilate_disk_is_skimage_sequence_dilation_without_edge_padding(radius):
     assert out.dtype == np.float32 and np.array_equal(out, expected)
     assert np.array_equal(out[radius:-radius, radius:-radius],
                           dilation(values, disk(radius, decomposition="sequence"))[radius:-radius, radius:-radius])
+
+
+def test_clip_is_the_rounded_8_bit_value_inside_and_outside_elsewhere(lungs):
+    prob = np.random.default_rng(7).random(lungs.shape).astype(np.float32)
+    prob[0, :4] = [0.5 / 255, 1.5 / 255, 244.5 / 255, 1.0]  # halves round to even, as np.rint does
+    out = ops.clip(prob, lungs, low=10, high=245, outside=1)
+    expected = np.clip(np.rint(prob.astype(np.float64) * 255.0), 10, 245).astype(np.uint8)
+    inside = lungs.mask_at(prob.shape)
+    assert out.dtype == np.uint8 and np.array_equal(out[inside], expected[inside]) and np.all(out[~inside] == 1)

@@ -211,13 +211,15 @@ def resize(prob_map: np.ndarray | None, image: Any) -> np.ndarray:
 
 def mask(prob_map: np.ndarray, lungs: Lungs) -> np.ndarray:
     """No opacity outside the lungs (the lung mask resized, nearest, to the map's size)."""
-    return np.where(lungs.mask_at(prob_map.shape), prob_map, 0.0).astype(np.float32)
+    return np.where(lungs.mask_at(prob_map.shape), prob_map.astype(np.float32, copy=False), np.float32(0.0))
 
 
 def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, outside: int = 1) -> np.ndarray:
     """8-bit map: round(p * 255) clipped to [low, high] inside the lungs, ``outside`` elsewhere."""
-    values = np.clip(np.rint(prob_map.astype(np.float64) * 255.0), low, high).astype(np.uint8)
-    return np.where(lungs.mask_at(prob_map.shape), values, np.uint8(outside)).astype(np.uint8)
+    scaled = prob_map.astype(np.float64)
+    scaled *= 255.0
+    values = np.clip(np.rint(scaled, out=scaled), low, high, out=scaled).astype(np.uint8)
+    return np.where(lungs.mask_at(prob_map.shape), values, np.uint8(outside))
 
 
 # ----------------------------------------------------------------------------- registry
