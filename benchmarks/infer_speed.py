@@ -13,7 +13,10 @@
     no gate. Both write the same kind of maps.
 Also timed: the sum of the pure forward times of the networks (a) needs, run as (a) runs them
 (same network calls, channels_last, frozen traces, tensors ready, each encoder once, mappers on
-the gate's positives only), hence (a)'s overhead = t(a) / t(pure) - 1.
+the gate's positives only), hence (a)'s overhead = t(a) / t(pure) - 1. Where (a) computes two
+images at once in two one-thread streams (the CPU's bf16 default, `device.cpu_streams`), the
+pure forwards are also timed that way (``overhead_vs_streams``): the networks' own share of the
+streams' gain shows there.
 
 Per-image cost, one-off costs excluded on every side: (a) runs over the first ``--n-small``
 images and over all ``--n``, and each run's measured one-off costs (setup: listing, hashing,
@@ -46,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pneumomap.device import inference_precision  # noqa: E402
+from pneumomap.device import cpu_streams, inference_precision  # noqa: E402
 from pneumomap.infer import runner, spec  # noqa: E402
 from pneumomap.infer.ops import Lungs  # noqa: E402
 from pneumomap.infer.tiny import write_inputs, write_pipeline  # noqa: E402
@@ -100,98 +103,67 @@ def per_image_part(summary: dict) -> float:
     return summary["wall_seconds"] - summary["setup_seconds"] - summary["trace_seconds"]
 
 
-def pure_forward(models: dict, n: int, positives: int, batch: int, precision: str = "auto") -> float:
+def pure_forward(models: dict, n: int, positives: int, batch: int, precision: str = "auto", streams: int = 1) -> float:
     """Seconds of the forward passes alone for the work (a) does: each encoder once, mappers on positives.
 
     ``models``: `runner.load_models` (channels_last, shared encoders, frozen traces), tensors ready in
     memory, in network calls of as many images as (a) makes (`pneumomap.device.forward_batch`).
+    ``streams`` > 1: the work shared out among that many threads with a share of torch's threads
+    each, as (a) runs images on the CPU in bfloat16 (`device.cpu_streams`); the wall time.
     """
+    import threading
+
     from pneumomap.device import autocast, forward_batch
 
     cpu = torch.device("cpu")
     batch = forward_batch(cpu, batch)
-    total = 0.0
 
-    def timed(fn, *args):
-        nonlocal total
+    def work(count_all: int, count_positive: int) -> float:
+        total = 0.0
+
+        def timed(fn, *args):
+            nonlocal total
+            start = time.perf_counter()
+            with torch.inference_mode(), autocast(cpu, precision=precision):
+                result = fn(*args)
+            total += time.perf_counter() - start
+            return result
+
+        for count, todo_mappers in ((count_all, False), (count_positive, True)):
+            for start in range(0, count, batch):
+                b = min(batch, count - start)
+                whole = torch.randn(b, 1, 512, 512).contiguous(memory_format=torch.channels_last)
+                half = torch.randn(b, 1, 512, 320).contiguous(memory_format=torch.channels_last)
+                if not todo_mappers:
+                    timed(models["lungs"].predict, whole)
+                    for name, x in (("classifier", whole), ("regressor_right", half), ("regressor_left", half)):
+                        features = timed(models[name].encode, x)
+                        timed(models[name].predict, x, features)
+                else:  # the encoders' features are already there in (a): only the decoders
+                    for name, source, x in (("mapper_whole", "classifier", whole),
+                                            ("mapper_right", "regressor_right", half),
+                                            ("mapper_left", "regressor_left", half)):
+                        with torch.inference_mode(), autocast(cpu, precision=precision):
+                            features = models[source].encode(x)
+                        timed(models[name].predict, x, features)
+        return total
+
+    if streams <= 1:
+        return work(n, positives)
+    shares = [(n * (i + 1) // streams - n * i // streams, positives * (i + 1) // streams - positives * i // streams)
+              for i in range(streams)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))
+    try:
+        workers = [threading.Thread(target=work, args=share) for share in shares]
         start = time.perf_counter()
-        with torch.inference_mode(), autocast(cpu, precision=precision):
-            result = fn(*args)
-        total += time.perf_counter() - start
-        return result
-
-    for count, todo_mappers in ((n, False), (positives, True)):
-        for start in range(0, count, batch):
-            b = min(batch, count - start)
-            whole = torch.randn(b, 1, 512, 512).contiguous(memory_format=torch.channels_last)
-            half = torch.randn(b, 1, 512, 320).contiguous(memory_format=torch.channels_last)
-            if not todo_mappers:
-                timed(models["lungs"].predict, whole)
-                for name, x in (("classifier", whole), ("regressor_right", half), ("regressor_left", half)):
-                    features = timed(models[name].encode, x)
-                    timed(models[name].predict, x, features)
-            else:  # the encoders' features are already there in (a): only the decoders
-                for name, source, x in (("mapper_whole", "classifier", whole), ("mapper_right", "regressor_right", half),
-                                        ("mapper_left", "regressor_left", half)):
-                    with torch.inference_mode(), autocast(cpu, precision=precision):
-                        features = models[source].encode(x)
-                    timed(models[name].predict, x, features)
-    return total
-
-
-def peak_rss(pipeline: Path, images: Path, out: Path) -> float:
-    """Peak RSS (MiB, VmHWM) of one `pneumomap infer` process (decode workers excluded)."""
-    code = ("import sys; from pneumomap.cli import main; rc = main(sys.argv[1:]); "
-            "print('RSS', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
-    done = subprocess.run([sys.executable, "-c", code, "infer", "--pipeline", str(pipeline), "--input", str(images),
-                           "--out", str(out), "--quiet", "--batch-size", "8"], capture_output=True, text=True,
-                          cwd=ROOT)
-    line = [l for l in done.stdout.splitlines() if l.startswith("RSS")]
-    if not line:
-        raise RuntimeError(done.stderr[-2000:])
-    return int(line[0].split()[1]) / 1024
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=72, help="images for the speed comparison (default: %(default)s)")
-    parser.add_argument("--n-small", type=int, default=24, help="(a) also runs over this many, and the difference "
-                        "is measured: more than the 18 images decoded while the models load (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=1024, help="phantom image size (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each (a), (b), pure forward in turn; "
-                        "the medians are reported (default: %(default)s)")
-    parser.add_argument("--precision", default="auto,fp32", help="(a) and its pure forwards at each of these "
-                        "--precision values (default: %(default)s; auto is bf16 on CPUs with native bfloat16, else fp32)")
-    parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
-    parser.add_argument("--skip-speed", action="store_true", help="only the peak-RSS check")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(0)
-    result: dict = {"loadavg_start": loadavg(), "torch_threads": torch.get_num_threads()}
-    if not args.skip_speed:
-        result.update(speed(args, out))
-    counts = [int(c) for c in args.memory.split(",") if c]
-    if counts:
-        tiny_pipe = write_pipeline(out / "tiny", tiny=True, thresholds={"classifier": 0.0})
-        base = write_inputs(out / "mem_data", n=50, size=256, corrupt=False)
-        rss = {}
-        for count in counts:
-            folder = out / f"mem_{count}"
-            folder.mkdir()
-            sources = sorted(base.iterdir())
-            for i in range(count):  # copies under new names: distinct ids, same decoding work
-                shutil.copy(sources[i % len(sources)], folder / f"{i:05d}.dcm")
-            rss[count] = round(peak_rss(tiny_pipe, folder, out / f"mem_out_{count}"), 1)
-        result["peak_rss_mib"] = rss
-        if len(counts) >= 2:
-            result["rss_growth"] = round(rss[counts[-1]] / rss[counts[0]] - 1, 3)
-    result["loadavg_end"] = loadavg()
-    print(json.dumps(result, indent=2))
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
 
 
 def speed(args: argparse.Namespace, out: Path) -> dict:
@@ -218,10 +190,12 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
     models_b = naive_models(pipeline)
     models_pure = {p: runner.load_models(pipeline, {m.name for m in pipeline.model_nodes}, torch.device("cpu"))
                    for p in precisions}
+    streams = {p: cpu_streams(torch.device("cpu"), resolved[p]) for p in precisions}  # (a)'s default
     warm = paths[:args.batch_size]  # warm-up: one batch through (a), one image through (b), one batch of pure
     for p in precisions:
         runner.run(pipeline, warm, out / "warm_a", dataclasses.replace(options, precision=p))
         pure_forward(models_pure[p], len(warm), len(warm), args.batch_size, resolved[p])
+        pure_forward(models_pure[p], len(warm), len(warm), args.batch_size, resolved[p], streams[p])
     naive(pipeline, models_b, warm[:1], (out / "warm_b").resolve())
 
     rounds = []
@@ -234,7 +208,9 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
             row[p] = {"pneumomap_seconds": round(per_image_part(full) - per_image_part(small), 2),
                       "pure_forward_seconds": round(pure_forward(models_pure[p], len(extra), positives,
                                                                  args.batch_size, resolved[p]), 2),
-                      "precision": full["precision"],
+                      "pure_forward_streams_seconds": round(pure_forward(
+                          models_pure[p], len(extra), positives, args.batch_size, resolved[p], streams[p]), 2),
+                      "precision": full["precision"], "streams": full["streams"],
                       "gate_pass_fraction": round(positives / len(extra), 3),
                       "whole_command_seconds": {str(args.n_small): small["wall_seconds"], str(args.n): full["wall_seconds"]},
                       "setup_seconds": full["setup_seconds"], "trace_seconds": full["trace_seconds"],
@@ -243,6 +219,7 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
         for p in precisions:
             row[p]["speedup"] = round(row["naive_seconds"] / row[p]["pneumomap_seconds"], 2)
             row[p]["overhead"] = round(row[p]["pneumomap_seconds"] / row[p]["pure_forward_seconds"] - 1, 3)
+            row[p]["overhead_vs_streams"] = round(row[p]["pneumomap_seconds"] / row[p]["pure_forward_streams_seconds"] - 1, 3)
         rounds.append(row)
         shutil.rmtree(out / "naive", ignore_errors=True)
         print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "seconds_per_node"} if isinstance(v, dict) else v)
@@ -261,7 +238,9 @@ def speed(args: argparse.Namespace, out: Path) -> dict:
     per_precision = {p: {"pneumomap_seconds": median(p, "pneumomap_seconds"),
                          "pneumomap_images_per_second": round(len(extra) / median(p, "pneumomap_seconds"), 3),
                          "pure_forward_seconds": median(p, "pure_forward_seconds"),
+                         "pure_forward_streams_seconds": median(p, "pure_forward_streams_seconds"),
                          "speedup_median": median(p, "speedup"), "overhead_median": median(p, "overhead"),
+                         "overhead_vs_streams_median": median(p, "overhead_vs_streams"), "streams": streams[p],
                          "gate_pass_fraction": rounds[-1][p]["gate_pass_fraction"],
                          "precision": resolved[p]} for p in precisions}
     return {

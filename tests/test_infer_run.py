@@ -298,8 +298,27 @@ def test_one_image_per_network_call_equals_whole_batches(tiny, tmp_path, monkeyp
     """The CPU's one-image network calls give the outputs whole-batch calls give (to float rounding)."""
     from pneumomap import device
 
-    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "one", RunOptions(**FAST))
+    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "one", RunOptions(streams=1, **FAST))
     monkeypatch.setattr(device, "forward_batch", lambda dev, batch_size: batch_size)
-    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "batched", RunOptions(**FAST))
+    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "batched", RunOptions(streams=1, **FAST))
     a, b = _rows(tmp_path / "one" / "predictions.csv"), _rows(tmp_path / "batched" / "predictions.csv")
     assert [float(r["probability"]) for r in a] == pytest.approx([float(r["probability"]) for r in b], abs=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_streams_give_the_files_one_stream_gives(tiny, tmp_path, precision):
+    """Two images at once in two threads (the CPU's bf16 default): byte-identical files, the corrupt
+    image isolated alike, torch's thread count restored, every network computed once per image."""
+    threads = torch.get_num_threads()
+    one = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "one",
+                     RunOptions(precision=precision, streams=1, **FAST))
+    two = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "two",
+                     RunOptions(precision=precision, streams=2, **FAST))
+    assert (one["streams"], two["streams"]) == (1, 2) and torch.get_num_threads() == threads
+    assert one["computed"] == two["computed"] and one["failures"] == two["failures"] == 1
+    for name in ("predictions.csv", "decisions.csv", "failures.csv", "rsna_submission.csv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    maps = sorted(p.name for p in (tmp_path / "one" / "maps").iterdir())
+    assert maps == sorted(p.name for p in (tmp_path / "two" / "maps").iterdir()) and maps
+    for name in maps:
+        assert (tmp_path / "one" / "maps" / name).read_bytes() == (tmp_path / "two" / "maps" / name).read_bytes()

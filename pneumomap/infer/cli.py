@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: 4 beside a "
                         "GPU; 0 on the CPU, where decoding runs between the networks: see the README)")
     add_precision_argument(parser)
+    parser.add_argument("--streams", type=int, default=None, help="CPU: images computed at once, each in its own "
+                        "thread with a share of torch's threads (default: 2 in bf16, 1 in fp32: see the README)")
     parser.add_argument("--shard", default=None, help="i/n: process the i-th of n shards (job arrays)")
     parser.add_argument("--merge", action="store_true", help="only merge the finished shards' parts into the submission")
     parser.add_argument("--no-artifacts", action="store_true", help="keep no model outputs (no resume, no fast re-runs)")
@@ -58,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
             summary = shard.merge_parts(pipeline, args.out, items, (parts or shard.from_environment())[1])
         else:
             options = runner.RunOptions(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                                        precision=args.precision, shard=parts, artifacts=not args.no_artifacts,
+                                        precision=args.precision, streams=args.streams, shard=parts,
+                                        artifacts=not args.no_artifacts,
                                         progress=not args.quiet)
             summary = runner.run(pipeline, args.input, args.out, options)
     except (PipelineError, runner.RunError, ValueError, FileNotFoundError) as exc:

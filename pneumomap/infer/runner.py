@@ -8,8 +8,8 @@ batches ahead, so memory stays flat however long the input list), overlapping th
 Each classifier/regressor encoder runs once per image: its features feed its own head and
 every mapper that decodes it (a mapper only recomputes them when its source's output came
 from the store). CUDA: fp16 AMP + channels_last; CPU: channels_last, bf16 autocast where the
-processor computes it natively (`RunOptions.precision`, `device.inference_precision`). On the
-CPU decoding runs in the main process between the networks (`device.decode_workers`). Nothing per image outlives
+processor computes it natively (`RunOptions.precision`, `device.inference_precision`), decoding
+in the main process between the networks (`device.decode_workers`). Nothing per image outlives
 its chunk except its `writers.Record` (the few formatted cells of the final tables).
 
 Python API::
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -56,7 +57,8 @@ class RunOptions:
     device: str = "auto"
     batch_size: int = 8  # images per chunk (and per network call on CUDA; one at a time on the CPU)
     workers: int | None = None  # decode processes; None: `device.decode_workers` (4 beside a GPU, 0 on the CPU)
-    precision: str = "auto"  # `device.inference_precision`: auto (fp16 CUDA; bf16 native-bf16 CPU, else fp32), fp32, fp16, bf16
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16: `device.inference_precision`
+    streams: int | None = None  # CPU: images computed at once in threads; None: `device.cpu_streams`
     shard: tuple[int, int] | None = None  # (index, count); None: from torchrun's RANK/WORLD_SIZE or (0, 1)
     artifacts: bool = True  # keep per-image model outputs under OUT/.artifacts (resume, re-runs)
     ungated: bool = False  # compute gated model nodes for every image too (for tuning); outputs unchanged
@@ -284,6 +286,7 @@ class _Runner:
         self.models: dict[str, Any] = {}
         self.seconds: dict[str, float] = defaultdict(float)
         self.computed: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()  # the counters, when images run in several threads (`streams`)
         self.sources = {n.inputs[0] for n in pipeline.model_nodes if n.type == "mapper"}
         self.whole_sizes: tuple = ()
 
@@ -331,7 +334,12 @@ class _Runner:
                         st.values[node.name] = evaluate_op(node, st.values)
                     except Exception as exc:  # isolate: one bad image does not stop the run
                         st.failure = f"{node.name}: {type(exc).__name__}: {exc}"
-            self.seconds[node.name] += time.perf_counter() - start
+            self.count(node.name, seconds=time.perf_counter() - start)
+
+    def count(self, name: str, seconds: float = 0.0, images: int = 0) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+            self.computed[name] += images
 
     def ensure_image(self, st: _State) -> None:
         """Decode an image that was not decoded ahead (gate flipped since the outputs were stored)."""
@@ -374,7 +382,7 @@ class _Runner:
             self.store.save(self.folder(node), st.item.image_id, st.item.signature, stored)
             gated_out = node.when is not None and not st.values[node.when]
             st.values[node.name] = None if gated_out else _value(node, stored, self.lung_thresholds)
-        self.computed[node.name] += len(need)
+        self.count(node.name, images=len(need))
 
     def model_input(self, node: Node, st: _State) -> np.ndarray:
         """The (h, w) input of a classifier/regressor/lungs node (a mapper uses its source's)."""
@@ -455,6 +463,66 @@ class _Runner:
         return record
 
 
+def _run_chunks(runner: _Runner, todo: list[Item], decoded: Iterator, ahead: set[int],
+                records: dict[int, writers.Record], bar: Any, batch_size: int) -> None:
+    """Chunks of ``batch_size`` images, each node over the chunk in turn (batched network calls)."""
+    for chunk in _chunks(todo, batch_size):
+        states = [_State(item) for item in chunk]
+        start = time.perf_counter()
+        for st in states:
+            if st.item.index in ahead:
+                runner.accept(st, *next(decoded))
+        runner.count("read", seconds=time.perf_counter() - start)
+        runner.process(states)
+        start = time.perf_counter()
+        for st in states:
+            records[st.item.index] = runner.finish(st)
+        runner.count("write", seconds=time.perf_counter() - start)
+        bar.update(len(states))
+
+
+def _run_streams(runner: _Runner, todo: list[Item], decoded: Iterator, ahead: set[int],
+                 records: dict[int, writers.Record], bar: Any, streams: int) -> None:
+    """``streams`` images at a time, each in its own thread through every node, torch's threads
+    shared out among them; images are decoded in this thread meanwhile (`device.cpu_streams`)."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    def one(st: _State) -> writers.Record:
+        runner.process([st])
+        start = time.perf_counter()
+        record = runner.finish(st)
+        runner.count("write", seconds=time.perf_counter() - start)
+        return record
+
+    pending: collections.deque = collections.deque()
+
+    def collect() -> None:
+        index, future = pending.popleft()
+        records[index] = future.result()
+        bar.update(1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // streams))
+    try:
+        with ThreadPoolExecutor(streams, thread_name_prefix="pneumomap-stream") as pool:
+            for item in todo:
+                st = _State(item)
+                start = time.perf_counter()
+                if item.index in ahead:
+                    runner.accept(st, *next(decoded))
+                runner.count("read", seconds=time.perf_counter() - start)
+                pending.append((item.index, pool.submit(one, st)))
+                while len(pending) > streams:  # the streams busy, one image decoded and waiting
+                    collect()
+            while pending:
+                collect()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -492,6 +560,9 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     device = resolve_device(options.device)
     options = replace(options, precision=run_precision(device, options.precision))
     workers = decode_workers(device, options.workers)
+    from pneumomap.device import cpu_streams
+
+    streams = cpu_streams(device, options.precision, options.streams)
     runner = _Runner(pipeline, out, options, device)
     started = time.perf_counter()
 
@@ -521,19 +592,10 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     bar = tqdm(total=len(items), initial=len(records), unit="img", desc="infer", disable=not options.progress,
                dynamic_ncols=True)
     with contextlib.closing(bar), contextlib.closing(decoded):
-        for chunk in _chunks(todo, batch_size):
-            states = [_State(item) for item in chunk]
-            start = time.perf_counter()
-            for st in states:
-                if st.item.index in ahead:
-                    runner.accept(st, *next(decoded))
-            runner.seconds["read"] += time.perf_counter() - start
-            runner.process(states)
-            start = time.perf_counter()
-            for st in states:
-                records[st.item.index] = runner.finish(st)
-            runner.seconds["write"] += time.perf_counter() - start
-            bar.update(len(states))
+        if streams > 1:
+            _run_streams(runner, todo, decoded, ahead, records, bar, streams)
+        else:
+            _run_chunks(runner, todo, decoded, ahead, records, bar, batch_size)
     elapsed = time.perf_counter() - started
     from pneumomap.stages.inference import trace_seconds
 
@@ -548,5 +610,6 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         "device": str(device),
         "precision": options.precision,
         "workers": workers,
+        "streams": streams,
     }
     return sharding.finish(pipeline, out, all_items, (index, count), records, part, merge=options.merge)

@@ -136,5 +136,6 @@ def summarize(pipeline: Pipeline, parts: list[dict], records: list[writers.Recor
         "device": parts[0].get("device"),
         "precision": parts[0].get("precision"),
         "workers": parts[0].get("workers"),
+        "streams": parts[0].get("streams"),
         "merged": True,
     }

@@ -13,6 +13,7 @@ path there). A network that cannot be traced stays eager, with one log line.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 
@@ -20,6 +21,10 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+_TRACING = threading.Lock()  # one trace at a time (the runner's streams make their first calls together)
+# torch's advice is torch.compile, measured slower here (RESULTS.md); catch_warnings below does not
+# reach a trace made in another thread, hence this one process-wide filter
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.freeze` is deprecated", category=FutureWarning)
 
 
 class LazyFrozen(nn.Module):
@@ -35,9 +40,11 @@ class LazyFrozen(nn.Module):
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]):
         if self.compiled is None:
-            start = time.perf_counter()
-            self.compiled = self._trace(x)
-            self.trace_seconds = time.perf_counter() - start
+            with _TRACING:  # the runner's streams may make first calls together
+                if self.compiled is None:
+                    start = time.perf_counter()
+                    self.compiled = self._trace(x)
+                    self.trace_seconds = time.perf_counter() - start
         return self.compiled(x)
 
     def _trace(self, x: torch.Tensor) -> nn.Module:
