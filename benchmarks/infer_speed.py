@@ -166,6 +166,61 @@ def pure_forward(models: dict, n: int, positives: int, batch: int, precision: st
         torch.set_num_threads(threads)
 
 
+def peak_rss(pipeline: Path, images: Path, out: Path) -> float:
+    """Peak RSS (MiB, VmHWM) of one `pneumomap infer` process (decode workers excluded)."""
+    code = ("import sys; from pneumomap.cli import main; rc = main(sys.argv[1:]); "
+            "print('RSS', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    done = subprocess.run([sys.executable, "-c", code, "infer", "--pipeline", str(pipeline), "--input", str(images),
+                           "--out", str(out), "--quiet", "--batch-size", "8"], capture_output=True, text=True,
+                          cwd=ROOT)
+    line = [l for l in done.stdout.splitlines() if l.startswith("RSS")]
+    if not line:
+        raise RuntimeError(done.stderr[-2000:])
+    return int(line[0].split()[1]) / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=72, help="images for the speed comparison (default: %(default)s)")
+    parser.add_argument("--n-small", type=int, default=24, help="(a) also runs over this many, and the difference "
+                        "is measured: more than the 18 images decoded while the models load (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=1024, help="phantom image size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each (a), (b), pure forward in turn; "
+                        "the medians are reported (default: %(default)s)")
+    parser.add_argument("--precision", default="auto,fp32", help="(a) and its pure forwards at each of these "
+                        "--precision values (default: %(default)s; auto is bf16 on CPUs with native bfloat16, else fp32)")
+    parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
+    parser.add_argument("--skip-speed", action="store_true", help="only the peak-RSS check")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    torch.manual_seed(0)
+    result: dict = {"loadavg_start": loadavg(), "torch_threads": torch.get_num_threads()}
+    if not args.skip_speed:
+        result.update(speed(args, out))
+    counts = [int(c) for c in args.memory.split(",") if c]
+    if counts:
+        tiny_pipe = write_pipeline(out / "tiny", tiny=True, thresholds={"classifier": 0.0})
+        base = write_inputs(out / "mem_data", n=50, size=256, corrupt=False)
+        rss = {}
+        for count in counts:
+            folder = out / f"mem_{count}"
+            folder.mkdir()
+            sources = sorted(base.iterdir())
+            for i in range(count):  # copies under new names: distinct ids, same decoding work
+                shutil.copy(sources[i % len(sources)], folder / f"{i:05d}.dcm")
+            rss[count] = round(peak_rss(tiny_pipe, folder, out / f"mem_out_{count}"), 1)
+        result["peak_rss_mib"] = rss
+        if len(counts) >= 2:
+            result["rss_growth"] = round(rss[counts[-1]] / rss[counts[0]] - 1, 3)
+    result["loadavg_end"] = loadavg()
+    print(json.dumps(result, indent=2))
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def speed(args: argparse.Namespace, out: Path) -> dict:
     """(a) vs (b) vs pure forward per image, interleaved ``--repeats`` times after a warm-up of each."""
     if not 0 < args.n_small < args.n:
