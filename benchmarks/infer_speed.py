@@ -7,14 +7,15 @@
     EfficientNet-B4 everywhere), the gate's threshold at the median classifier probability so
     that about half of the images pass (the fraction is printed), no stored artifacts, batch 8,
     the default decode workers (none on the CPU): exactly what `pneumomap infer --no-artifacts`
-    does, at each ``--precision`` (default: auto, i.e. bf16 on a CPU with native bfloat16, and fp32);
+    does, at each ``--precision`` (default: auto, i.e. fp32 on the CPU, and bf16, which also
+    computes two images at once in two one-thread streams, `device.cpu_streams`);
 (b) a naive loop as a notebook would write it: each image read in the main process, every
     network run separately at batch size 1 in NCHW, eager, each mapper with its own encoder,
     no gate. Both write the same kind of maps.
 Also timed: the sum of the pure forward times of the networks (a) needs, run as (a) runs them
 (same network calls, channels_last, frozen traces, tensors ready, each encoder once, mappers on
 the gate's positives only), hence (a)'s overhead = t(a) / t(pure) - 1. Where (a) computes two
-images at once in two one-thread streams (the CPU's bf16 default, `device.cpu_streams`), the
+images at once in two one-thread streams (the CPU's default in bf16, `device.cpu_streams`), the
 pure forwards are also timed that way (``overhead_vs_streams``): the networks' own share of the
 streams' gain shows there.
 
@@ -188,8 +189,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each (a), (b), pure forward in turn; "
                         "the medians are reported (default: %(default)s)")
-    parser.add_argument("--precision", default="auto,fp32", help="(a) and its pure forwards at each of these "
-                        "--precision values (default: %(default)s; auto is bf16 on CPUs with native bfloat16, else fp32)")
+    parser.add_argument("--precision", default="auto,bf16", help="(a) and its pure forwards at each of these "
+                        "--precision values (default: %(default)s; auto is fp32 on the CPU; bf16 needs native bfloat16)")
     parser.add_argument("--memory", default="100,1000", help="image counts for the peak-RSS check ('' to skip)")
     parser.add_argument("--skip-speed", action="store_true", help="only the peak-RSS check")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_infer"))

@@ -264,15 +264,13 @@ def test_decode_workers_run_at_the_lowest_priority_and_the_caller_does_not():
 
 
 def test_cpu_defaults_and_precisions(tiny, tmp_path):
-    """On the CPU: no decode workers, one image per network call, bf16 where the processor has it
-    (else fp32); bf16 gives nearly the fp32 outputs; fp16 (CUDA only) is refused before any image."""
+    """On the CPU: no decode workers, one image per network call, one stream, fp32; bf16 (two
+    streams) gives nearly the same outputs; fp16 (CUDA only) is refused before any image."""
     from pneumomap.device import native_bf16
 
-    auto = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "auto", RunOptions(progress=False, batch_size=3))
+    fp32 = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp32", RunOptions(progress=False, batch_size=3))
+    assert (fp32["workers"], fp32["device"], fp32["precision"], fp32["streams"]) == (0, "cpu", "fp32", 1)
     cpu_bf16 = native_bf16(torch.device("cpu"))
-    assert auto["workers"] == 0 and auto["device"] == "cpu" and auto["precision"] == ("bf16" if cpu_bf16 else "fp32")
-    fp32 = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp32", RunOptions(precision="fp32", **FAST))
-    assert fp32["precision"] == "fp32"
     with pytest.raises(runner.RunError, match="fp16 needs CUDA"):
         runner.run(tiny["pipeline"], tiny["images"], tmp_path / "fp16", RunOptions(precision="fp16", **FAST))
     assert not (tmp_path / "fp16" / "maps").exists()
@@ -280,7 +278,8 @@ def test_cpu_defaults_and_precisions(tiny, tmp_path):
         with pytest.raises(runner.RunError, match="no native"):
             runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
         pytest.skip("this processor has no native bfloat16: refused, as it should be")
-    runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
+    bf16 = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "bf16", RunOptions(precision="bf16", **FAST))
+    assert (bf16["precision"], bf16["streams"]) == ("bf16", 2)
     a, b = _rows(tmp_path / "fp32" / "predictions.csv"), _rows(tmp_path / "bf16" / "predictions.csv")
     assert [r["image_id"] for r in a] == [r["image_id"] for r in b]
     diffs = [abs(float(x["probability"]) - float(y["probability"])) for x, y in zip(a, b)]
@@ -305,10 +304,14 @@ def test_one_image_per_network_call_equals_whole_batches(tiny, tmp_path, monkeyp
     assert [float(r["probability"]) for r in a] == pytest.approx([float(r["probability"]) for r in b], abs=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "auto"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_streams_give_the_files_one_stream_gives(tiny, tmp_path, precision):
-    """Two images at once in two threads (the CPU's bf16 default): byte-identical files, the corrupt
+    """Two images at once in two threads (the CPU's default in bf16): byte-identical files, the corrupt
     image isolated alike, torch's thread count restored, every network computed once per image."""
+    from pneumomap.device import native_bf16
+
+    if precision == "bf16" and not native_bf16(torch.device("cpu")):
+        pytest.skip("this processor has no native bfloat16")
     threads = torch.get_num_threads()
     one = runner.run(tiny["pipeline"], tiny["images"], tmp_path / "one",
                      RunOptions(precision=precision, streams=1, **FAST))

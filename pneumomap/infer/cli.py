@@ -41,9 +41,9 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (`pneumomap.device.inference_precision`), shared by infer, tune and stage;
     kept free of torch so that ``--help`` stays instant."""
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                        help="auto: fp16 autocast on CUDA, bf16 on CPUs with native bfloat16 (AVX512-BF16/AMX), "
-                        "else fp32; bf16: bfloat16 autocast (such CPUs, or CUDA); fp32: full precision everywhere; "
-                        "tune with the precision you will infer with (default: %(default)s)")
+                        help="auto: fp16 autocast on CUDA, fp32 on the CPU; bf16: bfloat16 autocast (CPUs with "
+                        "AVX512-BF16/AMX: the fast CPU setting, two images at once, see the README; or CUDA); fp32: "
+                        "full precision everywhere; tune with the precision you will infer with (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:

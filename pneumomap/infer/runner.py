@@ -7,9 +7,9 @@ whole-image resize/normalise) runs ahead in worker processes (`decode_ahead`: at
 batches ahead, so memory stays flat however long the input list), overlapping the networks.
 Each classifier/regressor encoder runs once per image: its features feed its own head and
 every mapper that decodes it (a mapper only recomputes them when its source's output came
-from the store). CUDA: fp16 AMP + channels_last; CPU: channels_last, bf16 autocast where the
-processor computes it natively (`RunOptions.precision`, `device.inference_precision`), decoding
-in the main process between the networks (`device.decode_workers`). Nothing per image outlives
+from the store). CUDA: fp16 AMP + channels_last; CPU: channels_last, float32 (bf16 when asked:
+two images at once then, `device.cpu_streams`), decoding in the main process between the
+networks (`device.decode_workers`). Nothing per image outlives
 its chunk except its `writers.Record` (the few formatted cells of the final tables).
 
 Python API::
