@@ -9,8 +9,8 @@ Each classifier/regressor encoder runs once per image: its features feed its own
 every mapper that decodes it (a mapper only recomputes them when its source's output came
 from the store). CUDA: fp16 AMP + channels_last; CPU: channels_last, float32 (bf16 when asked:
 two images at once then, `device.cpu_streams`), decoding in the main process between the
-networks (`device.decode_workers`). Nothing per image outlives
-its chunk except its `writers.Record` (the few formatted cells of the final tables).
+networks (`device.decode_workers`). Nothing per image outlives its chunk except its
+`writers.Record` (the few formatted cells of the final tables).
 
 Python API::
 
@@ -548,7 +548,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     Raises `RunError` (or `PipelineError`) before any image is processed when the pipeline,
     a checkpoint, the inputs or the output folder is unusable.
     """
-    from pneumomap.device import decode_workers, resolve_device
+    from pneumomap.device import cpu_streams, decode_workers, resolve_device
 
     options = options or RunOptions()
     pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
@@ -560,8 +560,6 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     device = resolve_device(options.device)
     options = replace(options, precision=run_precision(device, options.precision))
     workers = decode_workers(device, options.workers)
-    from pneumomap.device import cpu_streams
-
     streams = cpu_streams(device, options.precision, options.streams)
     runner = _Runner(pipeline, out, options, device)
     started = time.perf_counter()
