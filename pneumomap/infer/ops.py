@@ -164,38 +164,31 @@ def overestimate(prob_map: np.ndarray | None, level: str = "low", low: dict | No
 
 
 def dilate_disk(values: np.ndarray, radius: int) -> np.ndarray:
-    """Grey dilation (float32) by skimage's sequence decomposition of a disk: a series of 3x3
-    footprints, each the maximum of the image shifted by its offsets, on the image padded with
-    -inf, so pixels past the edges are left out (skimage pads by reflection instead, which differs
-    next to the edges only). 512 px, radius 12: 3.3 ms against skimage's 10.7 (radius 4: 1.0 against 7.9)."""
+    """Grey dilation (float32) by skimage's sequence decomposition of a disk, equal to skimage's
+    `dilation` (edges reflected at each step): each 3x3 footprint as the maximum of views of the
+    image padded by one edge pixel, the square one row-wise then column-wise. 512 px, radius 12:
+    2.8 ms against skimage's 10.7 (radius 4: 1.3 against 7.9)."""
     from skimage.morphology import disk
 
-    sequence = disk(radius, decomposition="sequence")
-    pad = sum(int(repeats) for _, repeats in sequence)  # how far any value can travel
-    current = np.pad(values.astype(np.float32, copy=False), pad, constant_values=-np.inf)
-    spare = np.empty_like(current)
-    for footprint, repeats in sequence:
-        offsets = [(int(y) - 1, int(x) - 1) for y, x in zip(*np.nonzero(footprint)) if (y, x) != (1, 1)]
+    current = values.astype(np.float32, copy=True)
+    h, w = current.shape
+    padded = np.empty((h + 2, w + 2), np.float32)
+    for footprint, repeats in disk(radius, decomposition="sequence"):
+        views = [(int(y), int(x)) for y, x in zip(*np.nonzero(footprint))]  # offsets + 1 into `padded`
         for _ in range(int(repeats)):
-            np.copyto(spare, current)
-            if footprint.all():  # the 3x3 square is separable: rows, then columns
-                for dx in (-1, 1):
-                    _max_shifted(current, spare, 0, dx)
-                np.copyto(current, spare)
-                for dy in (-1, 1):
-                    _max_shifted(current, spare, dy, 0)
-            else:
-                for dy, dx in offsets:
-                    _max_shifted(current, spare, dy, dx)
-            current, spare = spare, current
-    return np.ascontiguousarray(current[pad:-pad, pad:-pad])
-
-
-def _max_shifted(source: np.ndarray, out: np.ndarray, dy: int, dx: int) -> None:
-    """``out[y, x] = max(out[y, x], source[y + dy, x + dx])`` wherever both lie inside the image."""
-    h, w = source.shape
-    target = out[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-    np.maximum(target, source[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)], out=target)
+            padded[1:-1, 1:-1] = current
+            padded[0, 1:-1], padded[-1, 1:-1] = current[0], current[-1]
+            padded[:, 0], padded[:, -1] = padded[:, 1], padded[:, -2]
+            if footprint.all():  # the square is separable
+                rows = np.maximum(padded[:, :-2], padded[:, 1:-1])
+                np.maximum(rows, padded[:, 2:], out=rows)
+                np.maximum(rows[:-2], rows[1:-1], out=current)
+                np.maximum(current, rows[2:], out=current)
+                continue
+            np.copyto(current, padded[views[0][0]:views[0][0] + h, views[0][1]:views[0][1] + w])
+            for y, x in views[1:]:
+                np.maximum(current, padded[y:y + h, x:x + w], out=current)
+    return current
 
 
 def resize(prob_map: np.ndarray | None, image: Any) -> np.ndarray:
