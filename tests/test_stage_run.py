@@ -97,7 +97,7 @@ def test_lung_half_stages_need_lungs(setup, capsys):
 
 
 def test_lung_half_mapper_is_pasted_into_its_box(setup):
-    from pneumomap.stages.lungs import fixed_split
+    from pneumomap.stages.lung_geometry import fixed_split
 
     run(setup, "mapper", "mapper-left", "out_map_left", "--fixed-crops")
     for name, shape in SHAPES.items():

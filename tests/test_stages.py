@@ -74,7 +74,8 @@ def test_lungs_shapes_and_splits():
 
 
 def test_lung_half_inputs_in_original_coordinates():
-    from pneumomap.stages.lungs import fixed_split, lung_half_inputs, paste_half
+    from pneumomap.stages.lung_geometry import fixed_split
+    from pneumomap.stages.lungs import lung_half_inputs, paste_half
 
     pixels = np.random.default_rng(0).random((200, 160)).astype(np.float32)
     halves = lung_half_inputs(pixels, fixed_split((64, 64)), size=(64, 40))
@@ -88,7 +89,8 @@ def test_lung_half_inputs_in_original_coordinates():
 
 def test_lung_half_inputs_equal_normalizing_the_whole_image_then_cropping():
     from pneumomap.stages.lung_geometry import crop
-    from pneumomap.stages.lungs import fixed_split, lung_half_inputs
+    from pneumomap.stages.lung_geometry import fixed_split
+    from pneumomap.stages.lungs import lung_half_inputs
     from pneumomap.stages.preprocess import normalize
 
     rng = np.random.default_rng(1)

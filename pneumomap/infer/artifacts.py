@@ -8,8 +8,9 @@ Layout under ``OUT/.artifacts/``::
 
 A model node's key hashes its kind, parameters, checkpoint files (config.yaml and weights),
 the precision it runs at and the keys of the model nodes it reads, so a new checkpoint re-runs
-that node and its dependants only. The post key hashes every model key plus every op, the thresholds and the
-outputs block, so changing post-processing re-runs post-processing only, from stored outputs.
+that node and its dependants only. The post key hashes every model key plus every op, the
+thresholds and the outputs block, so changing post-processing re-runs post-processing only,
+from stored outputs.
 Every stored file carries the input file's size and mtime; a changed input is recomputed.
 
 Stored values: maps as uint8 (p * 255, rounded; the submission is 8-bit), scalars as float32.

@@ -448,7 +448,23 @@ class _Runner:
 
     # -- results
 
+    def take(self, states: list[_State], decoded: Iterator, ahead: set[int]) -> None:
+        """Give ``states`` their decoded images, those that were decoded ahead (in input order)."""
+        start = time.perf_counter()
+        for st in states:
+            if st.item.index in ahead:
+                self.accept(st, *next(decoded))
+        self.count("read", seconds=time.perf_counter() - start)
+
     def finish(self, st: _State) -> writers.Record:
+        """Write the image's map and return its record (timed as 'write')."""
+        start = time.perf_counter()
+        try:
+            return self._finish(st)
+        finally:
+            self.count("write", seconds=time.perf_counter() - start)
+
+    def _finish(self, st: _State) -> writers.Record:
         item = st.item
         if st.failure is not None:
             floor = self.pipeline.nodes[self.pipeline.outputs.map].params.get("outside", 1)
@@ -468,23 +484,18 @@ def _run_chunks(runner: _Runner, todo: list[Item], decoded: Iterator, ahead: set
     """Chunks of ``batch_size`` images, each node over the chunk in turn (batched network calls)."""
     for chunk in _chunks(todo, batch_size):
         states = [_State(item) for item in chunk]
-        start = time.perf_counter()
-        for st in states:
-            if st.item.index in ahead:
-                runner.accept(st, *next(decoded))
-        runner.count("read", seconds=time.perf_counter() - start)
+        runner.take(states, decoded, ahead)
         runner.process(states)
-        start = time.perf_counter()
         for st in states:
             records[st.item.index] = runner.finish(st)
-        runner.count("write", seconds=time.perf_counter() - start)
         bar.update(len(states))
 
 
 def _run_streams(runner: _Runner, todo: list[Item], decoded: Iterator, ahead: set[int],
                  records: dict[int, writers.Record], bar: Any, streams: int) -> None:
     """``streams`` images at a time, each in its own thread through every node, torch's threads
-    shared out among them; images are decoded in this thread meanwhile (`device.cpu_streams`)."""
+    shared out among them; images are decoded in this thread meanwhile (`device.cpu_streams`).
+    The seconds per node then add up the streams' times."""
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
@@ -492,10 +503,7 @@ def _run_streams(runner: _Runner, todo: list[Item], decoded: Iterator, ahead: se
 
     def one(st: _State) -> writers.Record:
         runner.process([st])
-        start = time.perf_counter()
-        record = runner.finish(st)
-        runner.count("write", seconds=time.perf_counter() - start)
-        return record
+        return runner.finish(st)
 
     pending: collections.deque = collections.deque()
 
@@ -510,10 +518,7 @@ def _run_streams(runner: _Runner, todo: list[Item], decoded: Iterator, ahead: se
         with ThreadPoolExecutor(streams, thread_name_prefix="pneumomap-stream") as pool:
             for item in todo:
                 st = _State(item)
-                start = time.perf_counter()
-                if item.index in ahead:
-                    runner.accept(st, *next(decoded))
-                runner.count("read", seconds=time.perf_counter() - start)
+                runner.take([st], decoded, ahead)
                 pending.append((item.index, pool.submit(one, st)))
                 while len(pending) > streams:  # the streams busy, one image decoded and waiting
                     collect()

@@ -23,6 +23,7 @@ import numpy as np
 
 from pneumomap.fileio import atomic_write_text, write_png
 from pneumomap.infer.spec import DECISION_COLUMNS
+
 FALLBACK_SIZE = (1024, 1024)
 
 

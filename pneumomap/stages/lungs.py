@@ -20,7 +20,6 @@ import segmentation_models_pytorch as smp
 import torch
 
 from pneumomap.stages import lung_geometry
-from pneumomap.stages.lung_geometry import fixed_split  # noqa: F401  (the fallback split, for callers of this module)
 from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_size, register_stage
 from pneumomap.stages.encoders import load_encoder_weights, note_random_weights
 

@@ -91,7 +91,7 @@ def read_image(path: str | os.PathLike) -> Radiograph:
 
 
 def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iterable[str | os.PathLike],
-               n_jobs: int = 2, ahead: int | None = None, background: bool = True) -> Iterator[T]:
+               n_jobs: int = 2, ahead: int | None = None) -> Iterator[T]:
     """Yield ``fn(read_image(p))`` (or ``fn(error)``) for each path, in input order, in ``n_jobs``
     worker processes (0: in the calling process, one at a time).
 
@@ -100,8 +100,7 @@ def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iter
     Bounded prefetch: at most ``ahead`` images (default ``4 * n_jobs``) are in flight; a new one is
     submitted only when the consumer takes one, so memory does not grow with the input list.
     The first ``ahead`` are submitted at once, before the first is asked for: a caller can start
-    decoding, then load its models. With ``background`` the workers run at the lowest priority
-    (`lower_priority`): on a machine with few cores they decode in the gaps of the networks
+    decoding, then load its models. The workers run at the lowest priority (`lower_priority`): on a machine with few cores they decode in the gaps of the networks
     instead of slowing them, and when the consumer waits for an image the cores are theirs.
     The pool is joblib's reusable executor: the same worker processes serve later calls.
     """
@@ -113,7 +112,7 @@ def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iter
     # with joblib's 300 s idle timeout: workers survive model loading between calls
     executor = get_memmapping_executor(n_jobs, timeout=300)
     limit = max(ahead if ahead is not None else 4 * n_jobs, 1)
-    submit = functools.partial(executor.submit, _apply_in_worker, fn, background=background)
+    submit = functools.partial(executor.submit, _apply_in_worker, fn)
     return _Prefetch(submit, (str(p) for p in paths), limit)
 
 
@@ -502,9 +501,9 @@ def lower_priority() -> None:
 _lowered = False  # this worker process runs at the lowest priority
 
 
-def _apply_in_worker(fn: Callable[[Radiograph | UnreadableImageError], T], path: str, background: bool = False) -> T:
+def _apply_in_worker(fn: Callable[[Radiograph | UnreadableImageError], T], path: str) -> T:
     global _lowered
-    if background and not _lowered:
+    if not _lowered:
         _lowered = True
         lower_priority()
     return _apply(fn, path)

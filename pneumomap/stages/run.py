@@ -134,7 +134,8 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def _run_batch(model: Any, stage: Any, images: list[Any], writer: "_Writer", device: torch.device,
                lungs: Any, on_halves: bool) -> None:
-    from pneumomap.stages.lungs import fixed_split, lung_half_inputs
+    from pneumomap.stages.lung_geometry import fixed_split
+    from pneumomap.stages.lungs import lung_half_inputs
     from pneumomap.stages.preprocess import to_model_input
 
     if stage.kind == "lungs":
