@@ -14,7 +14,7 @@ import pytest
 from pneumomap.infer.tiny import write_inputs, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_FILES = ["predictions.csv", "decisions.csv", "rsna_submission.csv", "failures.csv"]
+RUN_FILES = ["decisions.csv", "rsna_submission.csv", "failures.csv"]
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,19 @@ def tiny(tmp_path_factory) -> dict:
     return {"images": images, "pipeline": pipeline}
 
 
-def infer(tiny: dict, out: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable,), wait: bool = True,
+@pytest.fixture(scope="module", params=["midrc", "pneumomap"])
+def layout(request) -> str:
+    return request.param
+
+
+def work_of(out: Path, layout: str) -> Path:
+    return out.parent / f"{out.name}-work" if layout == "midrc" else out
+
+
+def infer(tiny: dict, out: Path, layout: str, *extra: str, launcher: tuple[str, ...] = (sys.executable,), wait: bool = True,
           status: tuple[int, ...] = (1,)):
     cmd = [*launcher, "-m", "pneumomap.cli", "infer", "--pipeline", str(tiny["pipeline"]), "--input",
-           str(tiny["images"]), "--out", str(out), "--quiet", "--workers", "1", *extra]
+           str(tiny["images"]), "--out", str(out), "--quiet", "--workers", "1", "--format", layout, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -38,23 +47,33 @@ def infer(tiny: dict, out: Path, *extra: str, launcher: tuple[str, ...] = (sys.e
     return done
 
 
-def files(out: Path) -> dict[str, bytes]:
-    found = {n: (out / n).read_bytes() for n in OUTPUT_FILES}
-    found.update({p.name: p.read_bytes() for p in sorted((out / "maps").glob("*.png"))})
+def table(out: Path, layout: str) -> Path:
+    return out / ("image-level-classifications.csv" if layout == "midrc" else "predictions.csv")
+
+
+def files(out: Path, layout: str) -> dict[str, bytes]:
+    """Every submission file of a run into ``out`` (the scorer's and the run's own)."""
+    work = work_of(out, layout)
+    found = {n: (work / n).read_bytes() for n in RUN_FILES}
+    found[table(out, layout).name] = table(out, layout).read_bytes()
+    maps = out if layout == "midrc" else out / "maps"
+    found.update({p.name: p.read_bytes() for p in sorted(maps.glob("*.png"))})
+    if layout == "midrc":
+        assert sorted(p.name for p in out.iterdir()) == sorted(n for n in found if n not in RUN_FILES)
     return found
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory) -> dict[str, bytes]:
+def reference(tiny, layout, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("reference") / "out"
-    infer(tiny, out, "--batch-size", "4")
-    return files(out)
+    infer(tiny, out, layout, "--batch-size", "4")
+    return files(out, layout)
 
 
-def test_resume_after_sigkill_is_byte_identical(tiny, reference, tmp_path):
+def test_resume_after_sigkill_is_byte_identical(tiny, layout, reference, tmp_path):
     out = tmp_path / "out"
-    process = infer(tiny, out, "--batch-size", "1", wait=False)
-    posts = out / ".artifacts"
+    process = infer(tiny, out, layout, "--batch-size", "1", wait=False)
+    posts = work_of(out, layout) / ".artifacts"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         done = list(posts.glob("post-*/*.json")) if posts.exists() else []
@@ -64,37 +83,37 @@ def test_resume_after_sigkill_is_byte_identical(tiny, reference, tmp_path):
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (out / "predictions.csv").exists()
+    assert not table(out, layout).exists()
     finished = len(list(posts.glob("post-*/*.json")))
     assert 3 <= finished < 10
-    infer(tiny, out, "--batch-size", "3")
-    assert files(out) == reference
-    assert not list(out.rglob("*.tmp"))
+    infer(tiny, out, layout, "--batch-size", "3")
+    assert files(out, layout) == reference
+    assert not list(out.rglob("*.tmp")) and not list(work_of(out, layout).rglob("*.tmp"))
 
 
-def test_shards_merge_to_the_single_run(tiny, reference, tmp_path):
+def test_shards_merge_to_the_single_run(tiny, layout, reference, tmp_path):
     out = tmp_path / "out"
     for i, batch in ((1, "2"), (0, "5")):
-        cmd_out = infer_shard(tiny, out, f"{i}/2", batch)
+        cmd_out = infer_shard(tiny, out, layout, f"{i}/2", batch)
         assert ('"merged": true' in cmd_out) == (i == 0)
-    assert files(out) == reference
-    (out / "predictions.csv").unlink()
-    assert '"merged": true' in infer_shard(tiny, out, "0/2", "5", "--merge")
-    assert files(out) == reference
+    assert files(out, layout) == reference
+    table(out, layout).unlink()
+    assert '"merged": true' in infer_shard(tiny, out, layout, "0/2", "5", "--merge")
+    assert files(out, layout) == reference
 
 
-def infer_shard(tiny: dict, out: Path, shard: str, batch: str, *extra: str) -> str:
-    return infer(tiny, out, "--shard", shard, "--batch-size", batch, *extra, status=(0, 1)).stdout
+def infer_shard(tiny: dict, out: Path, layout: str, shard: str, batch: str, *extra: str) -> str:
+    return infer(tiny, out, layout, "--shard", shard, "--batch-size", batch, *extra, status=(0, 1)).stdout
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_the_single_run(tiny, reference, tmp_path):
+def test_torchrun_two_processes_equal_the_single_run(tiny, layout, reference, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun is not installed beside this Python")
     out = tmp_path / "out"
-    done = infer(tiny, out, "--batch-size", "3", "--device", "cpu",
+    done = infer(tiny, out, layout, "--batch-size", "3", "--device", "cpu",
                  launcher=(str(torchrun), "--nproc_per_node", "2", "--master_port", "29517"))
     assert '"shards": 2' in done.stdout
-    assert files(out) == reference
+    assert files(out, layout) == reference
     shutil.rmtree(out)

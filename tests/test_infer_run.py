@@ -70,13 +70,55 @@ class Counter:
         monkeypatch.setattr(Mapper, "predict", counted_predict)
 
 
-def test_formats_and_failure_isolation(tiny, tmp_path):
-    out = tmp_path / "out"
+def _infer_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args(["--pipeline", str(tiny["path"]), "--input", str(tiny["images"]), "--out", str(out),
-                              "--batch-size", "4", "--workers", "2", "--quiet"])
-    assert cli.main(args) == 1  # one unreadable image -> non-zero exit
+    return cli.main(parser.parse_args([str(a) for a in argv]))
+
+
+def test_midrc_layout_is_exactly_what_the_organisers_read(tiny, tmp_path):
+    """--format midrc (the default): one <name>.png per input, the CSV, the description, nothing else."""
+    out, description = tmp_path / "out", tmp_path / "about.txt"
+    description.write_text("word " * 300)
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--batch-size", "4",
+                      "--workers", "0", "--quiet", "--description", description) == 1  # one unreadable image
+    inputs = sorted(tiny["images"].iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{p.stem}.png" for p in inputs] + ["image-level-classifications.csv", "about.txt"])
+    assert (out / "about.txt").read_bytes() == description.read_bytes()
+    text = (out / "image-level-classifications.csv").read_text()
+    rows = _rows(out / "image-level-classifications.csv")
+    assert text.startswith("fileNamePath,score\n") and [r["fileNamePath"] for r in rows] == [p.name for p in inputs]
+    corrupt = next(p for p in inputs if "corrupt" in p.name)
+    assert next(r for r in rows if r["fileNamePath"] == corrupt.name)["score"] == "0.000000"
+    assert np.all(np.asarray(Image.open(out / f"{corrupt.stem}.png")) == 1)
+    work = tmp_path / "out-work"  # the run's own files, beside OUT by default
+    assert {"decisions.csv", "failures.csv", "rsna_submission.csv", "run_summary.json", ".artifacts"} <= \
+        {p.name for p in work.iterdir()}
+    assert [f["image_id"] for f in _rows(work / "failures.csv")] == [corrupt.stem]
+
+    # the same files as the pneumomap layout, placed differently
+    other = tmp_path / "other"
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", other, "--format", "pneumomap",
+                      "--workers", "0", "--quiet") == 1
+    for path in inputs:
+        assert (out / f"{path.stem}.png").read_bytes() == (other / "maps" / f"{path.stem}.png").read_bytes()
+    assert [r["score"] for r in rows] == [r["probability"] for r in _rows(other / "predictions.csv")]
+
+    # a stray PNG or a second description in OUT would mislead the scorer: refused before any image
+    (out / "zz_stray.png").write_bytes(b"")
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--quiet",
+                      "--description", description) == 2
+    (out / "zz_stray.png").unlink()
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--quiet") == 2
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--quiet",
+                      "--description", tmp_path / "about.md") == 2
+
+
+def test_formats_and_failure_isolation(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--format", "pneumomap",
+                      "--batch-size", "4", "--workers", "2", "--quiet") == 1  # one unreadable image -> non-zero exit
 
     inputs = sorted(p for p in tiny["images"].iterdir())
     ids = [p.stem for p in inputs]

@@ -1,11 +1,17 @@
 """Run a pipeline.yaml over a test set into submission files.
 
-  pneumomap infer --pipeline pipeline.yaml --input DIR|LIST --out OUT
+  pneumomap infer --pipeline pipeline.yaml --input DIR|LIST --out OUT [--format midrc|pneumomap]
 
-writes OUT/predictions.csv (image_id,probability), OUT/maps/<image_id>.png (8-bit, original size),
-OUT/rsna_submission.csv, OUT/decisions.csv, OUT/failures.csv and OUT/run_summary.json. The image
-id is the file stem. Model outputs are kept under OUT/.artifacts: the same command resumes a
-killed run, and after a threshold or checkpoint change only what changed runs again.
+--format midrc (the default: what the MIDRC XAI organisers' ingestion and scorer read) writes into
+OUT exactly: one <name>.png per input <name>.dcm (8-bit, the image's size, p = value / 255),
+image-level-classifications.csv (fileNamePath,score) and, with --description, that one file.
+The run's own files (decisions.csv, failures.csv, rsna_submission.csv, run_summary.json, the stored
+model outputs in .artifacts) go to --work (default: OUT-work beside OUT).
+--format pneumomap writes everything into OUT: predictions.csv (image_id,probability),
+maps/<image_id>.png and the run's own files.
+
+The image id is the file stem. Model outputs are kept under WORK/.artifacts: the same command
+resumes a killed run, and after a threshold or checkpoint change only what changed runs again.
 
 Several processes: `torchrun --nproc_per_node N -m pneumomap.cli infer ...` (rank 0 merges), or a
 job array with --shard i/n (the last shard to finish merges; --merge merges the parts alone).
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="a folder of images (searched recursively), a list file "
                         "(.txt/.lst, one path a line) or one image")
     parser.add_argument("--out", required=True, help="the submission folder to write")
+    parser.add_argument("--format", default="midrc", choices=("midrc", "pneumomap"),
+                        help="midrc: the organisers' flat folder, nothing else in it; pneumomap: predictions.csv, "
+                        "maps/ and the run's files in one folder (default: %(default)s)")
+    parser.add_argument("--work", default=None, help="folder of the run's own files and stored model outputs "
+                        "(default: OUT-work beside OUT for midrc, OUT itself for pneumomap)")
+    parser.add_argument("--description", default=None, help="midrc: the algorithm description (.pdf, .docx or "
+                        ".txt, 250 words or more) to copy into OUT")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch; on CUDA also per network "
                         "call, on the CPU the networks take one image at a time (default: %(default)s)")
@@ -47,6 +61,7 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pneumomap import submission
     from pneumomap.infer import runner, shard
     from pneumomap.infer.spec import PipelineError, load
 
@@ -55,21 +70,23 @@ def main(args: argparse.Namespace) -> int:
         parts = shard.parse_shard(args.shard) if args.shard else None
         if parts and shard.under_torchrun():
             raise runner.RunError("--shard cannot be combined with torchrun (the ranks are the shards)")
+        options = runner.RunOptions(device=args.device, batch_size=args.batch_size, workers=args.workers,
+                                    precision=args.precision, streams=args.streams, shard=parts,
+                                    artifacts=not args.no_artifacts, progress=not args.quiet, format=args.format,
+                                    work=args.work, description=args.description)
         if args.merge:
             items = runner.list_items(args.input)
-            summary = shard.merge_parts(pipeline, args.out, items, (parts or shard.from_environment())[1])
+            description = submission.check_description(args.description) if args.description else None
+            summary = shard.merge_parts(pipeline, options.layout(args.out), items,
+                                        (parts or shard.from_environment())[1], description)
         else:
-            options = runner.RunOptions(device=args.device, batch_size=args.batch_size, workers=args.workers,
-                                        precision=args.precision, streams=args.streams, shard=parts,
-                                        artifacts=not args.no_artifacts,
-                                        progress=not args.quiet)
             summary = runner.run(pipeline, args.input, args.out, options)
     except (PipelineError, runner.RunError, ValueError, FileNotFoundError) as exc:
         print(f"pneumomap infer: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))
     if summary["failures"]:
-        print(f"pneumomap infer: {summary['failures']} image(s) could not be processed; see "
-              f"{args.out}/failures.csv", file=sys.stderr)
+        print(f"pneumomap infer: {summary['failures']} image(s) could not be processed (each still has its row "
+              f"and its floor-value map); see {Path(summary['work']) / 'failures.csv'}", file=sys.stderr)
         return 1
     return 0

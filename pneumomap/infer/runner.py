@@ -15,13 +15,14 @@ networks (`device.decode_workers`). Nothing per image outlives its chunk except 
 Python API::
 
     summary = run(pipeline, inputs, out, RunOptions(...))      # what `pneumomap infer` calls
-    outputs = load_outputs(pipeline, out, inputs, options)     # stored model outputs of a run
+    outputs = load_outputs(pipeline, work, inputs, options)    # stored model outputs of a run
     values = postprocess(pipeline.with_thresholds(t), outputs[i])   # ops only, no network
     map8 = values[pipeline.outputs.map]; p = values[pipeline.outputs.probability]
 
 A tuner runs ``run(..., RunOptions(ungated=True))`` once (gated nodes computed for every image,
 outputs unchanged) and then `postprocess` as often as it likes. Sharding, parts and merging:
-`pneumomap.infer.shard`.
+`pneumomap.infer.shard`. Where the files go: `pneumomap.submission` (``RunOptions.format``: the
+MIDRC organisers' flat folder, or pneumomap's own layout; the run's own files in ``work``).
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from pneumomap import submission
 from pneumomap.infer import artifacts as art
 from pneumomap.infer import shard as sharding
 from pneumomap.infer import writers
 from pneumomap.infer.ops import OPS, Lungs
+from pneumomap.fileio import write_png
 from pneumomap.infer.spec import IMAGE, Node, Pipeline, load
 
 if TYPE_CHECKING:  # torch is imported where it is used: the decode workers import this module without it
@@ -64,6 +67,12 @@ class RunOptions:
     ungated: bool = False  # compute gated model nodes for every image too (for tuning); outputs unchanged
     progress: bool = True
     merge: bool = True  # merge the parts into the submission when all are present
+    format: str = "pneumomap"  # output layout, `pneumomap.submission.FORMATS` (the CLI's default is midrc)
+    work: Path | None = None  # the run's own files (artifacts, parts, tables); None: the layout's default
+    description: Path | None = None  # midrc: the algorithm description file copied into the output folder
+
+    def layout(self, out: str | Path) -> submission.Layout:
+        return submission.make_layout(self.format, out, self.work)
 
 
 @dataclass
@@ -120,9 +129,10 @@ def postprocess(pipeline: Pipeline, stored: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def load_outputs(pipeline: Pipeline, out: str | Path, inputs: str | Path | list,
+def load_outputs(pipeline: Pipeline, work: str | Path, inputs: str | Path | list,
                  options: RunOptions | None = None) -> list[dict[str, Any]]:
-    """The stored model outputs of a run into ``out``, one dict per input image (input order).
+    """The stored model outputs of a run whose work folder is ``work`` (its ``--out`` in pneumomap's
+    layout), one dict per input image (input order).
 
     Keys: each model node (value, or MISSING when never computed), ``image`` (`ImageSize`),
     ``image_id``. Images without stored outputs (unreadable, or not run yet) are left out.
@@ -131,7 +141,7 @@ def load_outputs(pipeline: Pipeline, out: str | Path, inputs: str | Path | list,
     from pneumomap.device import resolve_device
 
     options = options or RunOptions()
-    store = art.ArtifactStore(Path(out) / art.ARTIFACTS)
+    store = art.ArtifactStore(Path(work) / art.ARTIFACTS)
     keys = art.node_keys(pipeline, run_precision(resolve_device(options.device), options.precision))
     thresholds = _lung_thresholds(pipeline)
     result = []
@@ -277,9 +287,9 @@ def whole_image_sizes(pipeline: Pipeline, names: set[str]) -> tuple[tuple[int, i
 
 
 class _Runner:
-    def __init__(self, pipeline: Pipeline, out: Path, options: RunOptions, device: torch.device):
-        self.pipeline, self.out, self.options, self.device = pipeline, out, options, device
-        self.store = art.ArtifactStore(out / art.ARTIFACTS if options.artifacts else None)
+    def __init__(self, pipeline: Pipeline, layout: submission.Layout, options: RunOptions, device: torch.device):
+        self.pipeline, self.layout, self.options, self.device = pipeline, layout, options, device
+        self.store = art.ArtifactStore(layout.work / art.ARTIFACTS if options.artifacts else None)
         self.keys = art.node_keys(pipeline, options.precision)
         self.post = art.post_folder(art.post_key(pipeline, self.keys))
         self.lung_thresholds = _lung_thresholds(pipeline)
@@ -297,7 +307,7 @@ class _Runner:
 
     def finished(self, item: Item) -> writers.Record | None:
         data = self.store.load_json(self.post, item.image_id, item.signature)
-        if data is None or not writers.map_path(self.out, item.image_id).is_file():
+        if data is None or not self.layout.map_path(item.image_id).is_file():
             return None
         return writers.Record(**data["record"])
 
@@ -468,11 +478,11 @@ class _Runner:
         item = st.item
         if st.failure is not None:
             floor = self.pipeline.nodes[self.pipeline.outputs.map].params.get("outside", 1)
-            writers.write_map(self.out, item.image_id, writers.fallback_map(item.path, floor))
+            write_png(self.layout.map_path(item.image_id), writers.fallback_map(item.path, floor))
             return writers.failure_record(item.image_id, item.path, st.failure)
         outputs = self.pipeline.outputs
         map8 = st.values[outputs.map]
-        writers.write_map(self.out, item.image_id, map8)
+        write_png(self.layout.map_path(item.image_id), map8)
         record = writers.make_record(item.image_id, item.path, st.values[outputs.probability],
                                      {c: st.values[n] for c, n in outputs.decisions.items()}, map8, outputs.rsna)
         self.store.save_json(self.post, item.image_id, {"record": vars(record), "source": item.signature})
@@ -533,17 +543,28 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def check_output(out: Path) -> None:
-    """Fail early when the output folder cannot be written."""
+def check_output(layout: submission.Layout, items: list[Item], description: Path | None = None) -> None:
+    """Fail early when the output or work folder cannot be written, or when the output folder holds
+    files a scorer would take for part of this submission (the organisers pair PNGs by sorted order)."""
     from pneumomap.fileio import atomic_write_text
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".pneumomap-write-test"
-        atomic_write_text(probe, "ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RunError(f"--out {out}: cannot write there: {exc.strerror or exc}") from None
+    for flag, folder in (("--out", layout.out), ("--work", layout.work)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".pneumomap-write-test"
+            atomic_write_text(probe, "ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunError(f"{flag} {folder}: cannot write there: {exc.strerror or exc}") from None
+    stray = layout.stray_files(i.image_id for i in items)
+    if layout.name == "midrc":
+        keep = description.name if description is not None else None
+        stray += [p for p in submission.description_files(layout.out) if p.name != keep]
+    if stray:
+        shown = ", ".join(p.name for p in stray[:5]) + (f" ... ({len(stray)} in all)" if len(stray) > 5 else "")
+        raise RunError(f"--out {layout.out}: holds files that are not part of this run's submission: {shown}; the "
+                       "organisers' scorer would read them (it pairs the PNGs with its reference maps by sorted "
+                       "order, and accepts one description file): remove them or write to an empty folder")
 
 
 def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | Path,
@@ -557,16 +578,22 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
 
     options = options or RunOptions()
     pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
-    out = Path(out)
+    try:
+        layout = options.layout(out)
+        description = submission.check_description(options.description) if options.description else None
+    except (ValueError, FileNotFoundError) as exc:
+        raise RunError(str(exc)) from None
+    if description is not None and layout.name != "midrc":
+        raise RunError("--description: only the midrc layout holds an algorithm description")
     all_items = list_items(inputs)
-    check_output(out)
+    check_output(layout, all_items, description)
     index, count = options.shard or sharding.from_environment()
     items = all_items[index::count]
     device = resolve_device(options.device)
     options = replace(options, precision=run_precision(device, options.precision))
     workers = decode_workers(device, options.workers)
     streams = cpu_streams(device, options.precision, options.streams)
-    runner = _Runner(pipeline, out, options, device)
+    runner = _Runner(pipeline, layout, options, device)
     started = time.perf_counter()
 
     records: dict[int, writers.Record] = {}
@@ -615,4 +642,5 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         "workers": workers,
         "streams": streams,
     }
-    return sharding.finish(pipeline, out, all_items, (index, count), records, part, merge=options.merge)
+    return sharding.finish(pipeline, layout, all_items, (index, count), records, part, merge=options.merge,
+                           description=description)

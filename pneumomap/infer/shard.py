@@ -1,11 +1,12 @@
 """Sharded runs: which images a process takes, its part file, and merging the parts.
 
 Shard ``i`` of ``n`` takes the inputs ``items[i::n]`` (input order; deterministic). It writes
-its maps into OUT/maps/ and its rows into ``OUT/.parts/<run>/part-<i>-of-<n>.json``, where
+its maps into the output folder (where the layout puts them, `pneumomap.submission`) and its rows
+into ``WORK/.parts/<run>/part-<i>-of-<n>.json``, where
 ``<run>`` hashes the pipeline's post key (models, ops, thresholds, outputs) and the input list,
 so parts of another configuration are never mixed in. Merging orders all rows by input
-position and writes the tables and run_summary.json: the result is identical to a
-single-process run (which is shard 0 of 1).
+position and writes the tables, run_summary.json (in WORK) and, for the midrc layout, copies the
+description file into OUT: the result is identical to a single-process run (shard 0 of 1).
 
 Who merges:
 - ``torchrun --nproc_per_node N -m pneumomap.cli infer ...``: the shard is (RANK, WORLD_SIZE);
@@ -24,10 +25,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pneumomap.fileio import atomic_write_text, remove_temporaries
+from pneumomap.fileio import atomic_write_bytes, atomic_write_text, remove_temporaries
 from pneumomap.infer import artifacts as art
 from pneumomap.infer import writers
 from pneumomap.infer.spec import Pipeline
+from pneumomap.submission import Layout
 
 PARTS = ".parts"
 
@@ -52,10 +54,10 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", 1)) > 1 and "RANK" in os.environ
 
 
-def run_folder(pipeline: Pipeline, out: Path, items: list) -> Path:
+def run_folder(pipeline: Pipeline, work: Path, items: list) -> Path:
     key = art.post_key(pipeline, art.node_keys(pipeline))
     ids = hashlib.sha256("\n".join(f"{i.image_id}\t{i.path}" for i in items).encode()).hexdigest()[:12]
-    return Path(out) / PARTS / f"{key}-{ids}"
+    return Path(work) / PARTS / f"{key}-{ids}"
 
 
 def part_path(folder: Path, shard: tuple[int, int]) -> Path:
@@ -73,13 +75,14 @@ def _barrier() -> None:
         dist.destroy_process_group()
 
 
-def finish(pipeline: Pipeline, out: Path, items: list, shard: tuple[int, int], records: dict[int, writers.Record],
-           part: dict[str, Any], merge: bool = True) -> dict[str, Any]:
+def finish(pipeline: Pipeline, layout: Layout, items: list, shard: tuple[int, int],
+           records: dict[int, writers.Record], part: dict[str, Any], merge: bool = True,
+           description: Path | None = None) -> dict[str, Any]:
     """Write this shard's part; merge when it is this process's turn (see module doc).
 
     Returns the merged summary when merged here, else this part's summary.
     """
-    folder = run_folder(pipeline, out, items)
+    folder = run_folder(pipeline, layout.work, items)
     body = {"shard": list(shard), "summary": part,
             "records": [[i, vars(records[i])] for i in sorted(records)]}
     atomic_write_text(part_path(folder, shard), json.dumps(body, sort_keys=True))
@@ -88,13 +91,14 @@ def finish(pipeline: Pipeline, out: Path, items: list, shard: tuple[int, int], r
         if shard[0] != 0:
             return {**part, "merged": False}
     if merge and all(part_path(folder, (i, shard[1])).is_file() for i in range(shard[1])):
-        return merge_parts(pipeline, out, items, shard[1])
+        return merge_parts(pipeline, layout, items, shard[1], description)
     return {**part, "merged": False}
 
 
-def merge_parts(pipeline: Pipeline, out: Path, items: list, count: int) -> dict[str, Any]:
+def merge_parts(pipeline: Pipeline, layout: Layout, items: list, count: int,
+                description: Path | None = None) -> dict[str, Any]:
     """Merge the ``count`` parts of this run into the submission files; return the summary."""
-    folder = run_folder(pipeline, out, items)
+    folder = run_folder(pipeline, layout.work, items)
     missing = [str(part_path(folder, (i, count))) for i in range(count) if not part_path(folder, (i, count)).is_file()]
     if missing:
         raise FileNotFoundError(f"cannot merge: missing part(s) {', '.join(missing)}; run those shards first")
@@ -103,10 +107,15 @@ def merge_parts(pipeline: Pipeline, out: Path, items: list, count: int) -> dict[
     if len(records) != len(items):
         raise ValueError(f"cannot merge: the parts hold {len(records)} of {len(items)} images")
     ordered = [records[i] for i in range(len(items))]
-    remove_temporaries(out)  # every writer of this run is done: drop what a killed earlier run left half-written
-    writers.write_tables(out, ordered, rsna=pipeline.outputs.rsna is not None)
+    for path in {layout.out, layout.work}:  # every writer of this run is done: drop what a killed run left
+        remove_temporaries(path)
+    layout.write_tables(ordered, rsna=pipeline.outputs.rsna is not None)
+    if description is not None:
+        atomic_write_bytes(layout.out / description.name, description.read_bytes())
     summary = summarize(pipeline, [p["summary"] for p in parts], ordered)
-    atomic_write_text(Path(out) / "run_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary.update({"format": layout.name, "out": str(layout.out.resolve()), "work": str(layout.work.resolve()),
+                    "description": description.name if description is not None else None})
+    atomic_write_text(layout.work / "run_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 

@@ -1,4 +1,5 @@
-"""Submission files (docs/contracts.md, "Submission folder"), all written atomically.
+"""The per-image records of a run (docs/contracts.md, "Submission folder"); where they and the maps
+are written is the layout's business (`pneumomap.submission`).
 
 Image id: the input file's stem, for every format (RSNA patientIds are DICOM file stems; MIDRC
 ids are matched by file name too). The runner refuses inputs whose stems collide.
@@ -13,15 +14,12 @@ names the reason.
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from pneumomap.fileio import atomic_write_text, write_png
 from pneumomap.infer.spec import DECISION_COLUMNS
 
 FALLBACK_SIZE = (1024, 1024)
@@ -114,34 +112,3 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def fallback_map(path: str | Path, floor: int = 1) -> np.ndarray:
     """The map written for an unreadable image: ``floor`` everywhere (see module doc)."""
     return np.full(image_size(path), floor, np.uint8)
-
-
-def map_path(out: Path, image_id: str) -> Path:
-    return Path(out) / "maps" / f"{image_id}.png"
-
-
-def write_map(out: Path, image_id: str, map8: np.ndarray) -> None:
-    write_png(map_path(out, image_id), map8)
-
-
-def _csv(header: list[str], rows: Iterable[list[str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def write_tables(out: Path, records: list[Record], rsna: bool = True) -> None:
-    """predictions.csv, decisions.csv, failures.csv and (when ``rsna``) rsna_submission.csv."""
-    out = Path(out)
-    atomic_write_text(out / "predictions.csv", _csv(["image_id", "probability"],
-                                                    ([r.image_id, r.probability] for r in records)))
-    atomic_write_text(out / "decisions.csv", _csv(
-        ["image_id", "probability", *DECISION_COLUMNS],
-        ([r.image_id, r.probability, *(r.decisions.get(c, "") for c in DECISION_COLUMNS)] for r in records)))
-    atomic_write_text(out / "failures.csv", _csv(["image_id", "path", "reason"],
-                                                 ([r.image_id, r.path, r.failure] for r in records if r.failure)))
-    if rsna:
-        atomic_write_text(out / "rsna_submission.csv", _csv(["patientId", "PredictionString"],
-                                                            ([r.image_id, r.boxes] for r in records)))
