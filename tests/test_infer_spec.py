@@ -93,6 +93,16 @@ def test_threshold_out_of_range_names_both_places(tmp_path, raw):
     assert "thresholds.clip.high (used by nodes.final.params.high): out of range" in message
 
 
+@pytest.mark.parametrize("key, value", [("outside", 0), ("high", 255), ("low", 0), ("high", 254.5)])
+def test_a_map_can_never_hold_0_or_255(tmp_path, raw, key, value):
+    """The final map's values stay in [1, 254]: a limit of the pipeline itself, not only of the tuner."""
+    raw["thresholds"]["clip"][key] = value
+    message = problems(tmp_path, raw)
+    assert f"thresholds.clip.{key} (used by nodes.final.params.{key}):" in message
+    if isinstance(value, int):
+        assert "out of range" in message and "[1, 254]" in message
+
+
 def test_unknown_threshold_reference_and_keys(tmp_path, raw):
     raw["nodes"]["gate"]["params"]["threshold"] = "$clasifier"
     raw["nodes"]["gate"]["params"]["treshold"] = 0.5

@@ -35,8 +35,8 @@ def mermaid(pipeline: Pipeline) -> str:
         if node.when:
             lines.append(f"  {node.when} -.->|when| {node.name}")
     outputs = pipeline.outputs
-    lines.append('  out_csv[["predictions.csv"]]')
-    lines.append('  out_maps[["maps/*.png"]]')
+    lines.append('  out_csv[["image-level-classifications.csv"]]')
+    lines.append('  out_maps[["NAME.png (one per input)"]]')
     lines.append(f"  {outputs.probability} --> out_csv")
     lines.append(f"  {outputs.map} --> out_maps")
     return "\n".join(lines) + "\n"

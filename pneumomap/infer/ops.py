@@ -218,6 +218,9 @@ def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, out
 # ----------------------------------------------------------------------------- registry
 
 _UNIT = dict(low=0.0, high=1.0)
+# The final map's values: never 0 or 255, so that no scorer takes log(0) whatever its clipping
+# (p = 0 or 1 where the truth disagrees is an infinite loss before clipping).
+MAP8_RANGE = (1, 254)
 _SCORE = ("probability", "extent")
 _AMOUNTS = Param("amounts", default={"dilate": 0, "raise": 0.0},
                  help="{dilate: radius in px of the working frame (int >= 0), raise: added probability in [0, 1]}")
@@ -250,6 +253,7 @@ OPS: dict[str, NodeDef] = {
                     "zero outside the lung mask"),
     "clip": NodeDef(
         (Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "map8",
-        {"low": Param("int", 0, 255, 10), "high": Param("int", 0, 255, 245), "outside": Param("int", 0, 255, 1)},
-        clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere"),
+        {"low": Param("int", *MAP8_RANGE, 10), "high": Param("int", *MAP8_RANGE, 245),
+         "outside": Param("int", *MAP8_RANGE, 1)},
+        clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255"),
 }
