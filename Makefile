@@ -6,14 +6,16 @@ STAMP   := $(VENV)/.installed
 # torch/torchvision pinned for the install (they resolve from local disk here); the package's
 # own requirement ranges in pyproject.toml stay loose.
 TORCH   := torch==2.14.1 torchvision==0.29.1
+# the tests compare `pneumomap score` with the MIDRC organisers' scorer, which pins scikit-learn 1.5.1
+SCORER  := scikit-learn==1.5.1
 DEMO_OUT ?= runs/demo
 
 .PHONY: demo test venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH) -e '.[dev]'
+	$(BIN)/python -m pip install -q $(TORCH) $(SCORER) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

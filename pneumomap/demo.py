@@ -76,20 +76,21 @@ def write_list(paths: list[Path], path: Path) -> Path:
 
 def best_baselines(dataset, ids: list[str]) -> dict[str, float]:
     """Best constant map and best lung-prior map (value inside the lungs, floor outside) on ``ids``,
-    by the same map log loss `pneumomap score` reports (class-balanced, boxes inside the lungs)."""
-    from pneumomap.metrics import map_log_loss
-    from pneumomap.score import DEFAULT_TRUTH_DEF, truth_mask
+    by the same map metric `pneumomap score` reports (the organisers', boxes inside the lungs at level 1)."""
+    from pneumomap.metrics import map_metric
     from pneumomap.stages.reader import read_image
+    from pneumomap.truth import RsnaTruth
 
+    metric, truth = map_metric("midrc"), RsnaTruth(dataset)
     values = np.arange(1, 255)
     constant = np.zeros(len(values))
     prior = np.zeros(len(values))
     for pid in ids:
         lungs = read_image(dataset.mask_path(pid)).pixels > 127
-        truth = truth_mask(dataset, pid, lungs.shape, DEFAULT_TRUTH_DEF)
+        codes = truth.codes(pid, lungs.shape)
         for j, v in enumerate(values):
-            constant[j] += map_log_loss(np.full(lungs.shape, v, np.uint8), truth)
-            prior[j] += map_log_loss(np.where(lungs, v, 1).astype(np.uint8), truth)
+            constant[j] += metric.loss(np.full(lungs.shape, v, np.uint8), codes)
+            prior[j] += metric.loss(np.where(lungs, v, 1).astype(np.uint8), codes)
     return {"map_metric_constant": float(constant.min() / len(ids)),
             "constant_value": int(values[constant.argmin()]),
             "map_metric_lung_prior": float(prior.min() / len(ids)),
@@ -109,6 +110,7 @@ def lung_dice(dataset, ids: list[str], masks: Path) -> float:
 def run_demo(out: Path, n: int, size: int, seed: int, device: str, overrides: list[str]) -> dict[str, Any]:
     from pneumomap.labels import load_rsna
     from pneumomap.score import score_submission
+    from pneumomap.submission import default_work
 
     start = time.perf_counter()
     out = out.resolve()
@@ -145,7 +147,8 @@ def run_demo(out: Path, n: int, size: int, seed: int, device: str, overrides: li
 
     tuned_score = json.loads((out / "score.json").read_text(encoding="utf-8"))
     untuned_score = score_submission(submissions["untuned"], data, split="test", dataset=dataset)
-    run_summary = json.loads((submissions["tuned"] / "run_summary.json").read_text(encoding="utf-8"))
+    work = default_work(submissions["tuned"])  # the run's own files, beside the MIDRC submission folder
+    run_summary = json.loads((work / "run_summary.json").read_text(encoding="utf-8"))
     summary: dict[str, Any] = {
         "classifier_auc": tuned_score["auc"],
         "lung_dice": lung_dice(dataset, test_ids, out / "lungs_test" / "masks"),
@@ -156,7 +159,7 @@ def run_demo(out: Path, n: int, size: int, seed: int, device: str, overrides: li
         "dice_tuned": tuned_score.get("dice"),
         "images_per_second": run_summary.get("images_per_second"),
         "n_images": n, "n_test": len(test_ids), "image_size": size,
-        "submission": str(submissions["tuned"]), "rsna_submission": str(submissions["tuned"] / "rsna_submission.csv"),
+        "submission": str(submissions["tuned"]), "rsna_submission": str(work / "rsna_submission.csv"),
         "tuned_pipeline": str(tuned), "report": str(out / "report" / "index.html"),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
@@ -184,7 +187,7 @@ def print_summary(s: dict[str, Any], path: Path) -> None:
             ("map log loss, best lung-prior map", s["map_metric_lung_prior"]),
             ("RSNA mAP (tuned boxes)", s["rsna_map_tuned"]), ("inference images/s", s["images_per_second"]),
             ("total seconds", s["total_seconds"])]
-    print("\npneumomap demo summary (lower log loss is better)")
+    print("\npneumomap demo summary (map metric: the MIDRC organisers' weighted log loss, lower is better)")
     for name, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {name:<36} {shown:>10}")
