@@ -36,8 +36,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
-def write_png(path: str | os.PathLike, array, bits: int = 8) -> None:
-    """Write a 2-D uint8 (or uint16 with bits=16) array as a greyscale PNG, atomically.
+def encode_png(array, bits: int = 8) -> bytes:
+    """A 2-D uint8 (or uint16 with bits=16) array as greyscale PNG bytes.
 
     zlib's run-length strategy: on opacity maps and masks as small as the default deflate and
     2-5x faster (1024 px map with one opacity: 7.9 -> 3.5 ms, 23.9 -> 23.7 kB).
@@ -51,10 +51,20 @@ def write_png(path: str | os.PathLike, array, bits: int = 8) -> None:
     array = np.asarray(array)
     dtype = np.uint8 if bits == 8 else np.uint16
     if array.dtype != dtype:
-        raise TypeError(f"{path}: write_png expects {dtype.__name__}, got {array.dtype}")
+        raise TypeError(f"encode_png expects {dtype.__name__}, got {array.dtype}")
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_type=zlib.Z_RLE)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_png(path: str | os.PathLike, array, bits: int = 8) -> bytes:
+    """Write `encode_png` of ``array`` to ``path``, atomically; returns the bytes written."""
+    try:
+        data = encode_png(array, bits)
+    except TypeError as exc:
+        raise TypeError(f"{path}: {exc}") from None
+    atomic_write_bytes(path, data)
+    return data
 
 
 def remove_temporaries(folder: str | os.PathLike) -> int:

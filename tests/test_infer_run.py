@@ -194,6 +194,20 @@ def test_post_processing_change_runs_no_network(tiny, tmp_path, monkeypatch):
     assert counter.convs == 0
 
 
+def test_thresholds_a_then_b_then_a_again_gives_a_files(tiny, tmp_path, monkeypatch):
+    """A stored record counts as finished only with the map its post-processing wrote (no stale maps)."""
+    a = tiny["pipeline"]
+    b = a.with_thresholds({**a.thresholds, "clip": {"low": 30, "high": 200, "outside": 5}})
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    runner.run(a, tiny["images"], fresh, RunOptions(**FAST, artifacts=False))
+    for pipeline in (a, b):
+        runner.run(pipeline, tiny["images"], out, RunOptions(**FAST))
+    counter = Counter(monkeypatch)
+    runner.run(a, tiny["images"], out, RunOptions(**FAST))
+    assert counter.convs == 0  # post-processed again from the stored outputs: no network
+    assert _files(out) == _files(fresh)
+
+
 def test_ungated_outputs_let_the_tuner_move_the_gate(tiny, tmp_path):
     closed = tiny["pipeline"].with_thresholds({**tiny["pipeline"].thresholds, "classifier": 1.0})
     out = tmp_path / "out"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import threading
 import time
 from collections import defaultdict
@@ -306,10 +307,16 @@ class _Runner:
     # -- planning
 
     def finished(self, item: Item) -> writers.Record | None:
+        """The image's record when its map file is the one this configuration's post-processing wrote
+        (its hash is in the stored record: a map from another run's thresholds is post-processed again)."""
         data = self.store.load_json(self.post, item.image_id, item.signature)
-        if data is None or not self.layout.map_path(item.image_id).is_file():
+        if data is None or "map_sha256" not in data:
             return None
-        return writers.Record(**data["record"])
+        try:
+            written = hashlib.sha256(self.layout.map_path(item.image_id).read_bytes()).hexdigest()
+        except OSError:
+            return None
+        return writers.Record(**data["record"]) if written == data["map_sha256"] else None
 
     def plan(self, items: list[Item]) -> tuple[list[Item], set[str]]:
         """(images to decode ahead, model nodes that may have to run)."""
@@ -482,10 +489,11 @@ class _Runner:
             return writers.failure_record(item.image_id, item.path, st.failure)
         outputs = self.pipeline.outputs
         map8 = st.values[outputs.map]
-        write_png(self.layout.map_path(item.image_id), map8)
+        png = write_png(self.layout.map_path(item.image_id), map8)
         record = writers.make_record(item.image_id, item.path, st.values[outputs.probability],
                                      {c: st.values[n] for c, n in outputs.decisions.items()}, map8, outputs.rsna)
-        self.store.save_json(self.post, item.image_id, {"record": vars(record), "source": item.signature})
+        self.store.save_json(self.post, item.image_id, {"record": vars(record), "source": item.signature,
+                                                        "map_sha256": hashlib.sha256(png).hexdigest()})
         return record
 
 
