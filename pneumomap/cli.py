@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("pneumomap.score", "score a submission folder against RSNA-format truth"),
     "tune": ("pneumomap.infer.tune", "tune pipeline thresholds on validation data over stored model outputs"),
     "report": ("pneumomap.report", "write an offline HTML report of map overlays"),
+    "package": ("pneumomap.package", "package a pipeline as the MIDRC XAI uploads: Docker image zip and program zip"),
 }
 
 

@@ -141,6 +141,64 @@ def replace_thresholds(text: str, thresholds: dict[str, Any]) -> str:
     return "".join(lines[:start]) + block + "".join(lines[end:])
 
 
+def replace_checkpoints(text: str, raw_nodes: dict, new_values: dict[str, str]) -> str:
+    """A pipeline file's text with the ``checkpoint:`` value of each node in ``new_values`` replaced.
+
+    ``raw_nodes`` is the loaded ``nodes:`` mapping of the same text (``Pipeline.raw["nodes"]``).
+    Each value is found by its position in the YAML document (block or flow style, plain or
+    quoted), so two nodes with the same old path can get different new ones; everything else,
+    comments included, is kept byte for byte. The new value keeps the old one's quotes (plain
+    when that reads back as the same string, else double-quoted). Raises ValueError when a
+    node has no string checkpoint in ``text`` or two nodes share one YAML scalar (an alias).
+    """
+    import json
+    import re
+
+    if not new_values:
+        return text
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the pipeline is not valid YAML: {exc}") from None
+
+    def child(mapping: Any, key: str) -> Any:
+        if isinstance(mapping, yaml.MappingNode):
+            for key_node, value_node in mapping.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                    return value_node
+        return None
+
+    def reads_back(plain: str) -> bool:  # written as a plain scalar, it loads as that same string
+        try:
+            return yaml.safe_load(plain) == plain
+        except yaml.YAMLError:
+            return False
+
+    spans: list[tuple[int, int, str]] = []
+    seen: dict[int, str] = {}
+    for name, new in new_values.items():
+        body = raw_nodes.get(name) if isinstance(raw_nodes, dict) else None
+        old = body.get("checkpoint") if isinstance(body, dict) else None
+        scalar = child(child(child(document, "nodes"), str(name)), "checkpoint")
+        if not isinstance(old, str) or not isinstance(scalar, yaml.ScalarNode) or scalar.value != old:
+            raise ValueError(f"nodes.{name}.checkpoint: no checkpoint path {old!r} found in the pipeline text")
+        if id(scalar) in seen:
+            raise ValueError(f"nodes.{name}.checkpoint: shares one YAML value (an alias) with nodes.{seen[id(scalar)]}; "
+                             "write each checkpoint path out")
+        seen[id(scalar)] = str(name)
+        new = str(new)
+        if scalar.style == "'":
+            rendered = "'" + new.replace("'", "''") + "'"
+        elif scalar.style is None and re.fullmatch(r"[\w.~/+-]+", new) and reads_back(new):
+            rendered = new
+        else:
+            rendered = json.dumps(new)  # a JSON string is a double-quoted YAML scalar
+        spans.append((scalar.start_mark.index, scalar.end_mark.index, rendered))
+    for start, end, rendered in sorted(spans, reverse=True):
+        text = text[:start] + rendered + text[end:]
+    return text
+
+
 def resolve_checkpoint(directory: Path) -> Path:
     """A stage checkpoint dir; a training output DIR with DIR/best means DIR/best."""
     return directory / "best" if (directory / "best").is_dir() else directory

@@ -341,14 +341,13 @@ def relocate_checkpoints(text: str, pipeline: Pipeline, out_path: Path) -> str:
     source, target = pipeline.path.parent.resolve(), out_path.parent.resolve()
     if source == target:
         return text
-    for body in pipeline.raw.get("nodes", {}).values():
+    raw_nodes = pipeline.raw.get("nodes", {})
+    new_values = {}
+    for name, body in raw_nodes.items():
         value = body.get("checkpoint") if isinstance(body, dict) else None
-        if not isinstance(value, str) or Path(value).is_absolute():
-            continue
-        new = os.path.relpath((source / value).resolve(), target)
-        pattern = re.compile(r"^(\s*checkpoint:\s*)(['\"]?)" + re.escape(value) + r"\2(\s*(#.*)?)$", re.M)
-        text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}{new}{m.group(2)}{m.group(3)}", text)
-    return text
+        if isinstance(value, str) and not Path(value).is_absolute():
+            new_values[name] = os.path.relpath((source / value).resolve(), target)
+    return spec.replace_checkpoints(text, raw_nodes, new_values)
 
 
 def write_tuned(pipeline: Pipeline, out_path: Path, thresholds: dict, header: list[str]) -> None:
