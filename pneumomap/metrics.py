@@ -5,6 +5,8 @@ Conventions:
 - Ratios whose denominator is zero (e.g. precision with no predicted positives) are 0.0, as scikit-learn does.
 - AUC with a single class in the truth is undefined and returned as NaN.
 - Probability maps are either uint8 (p = value / 255, the submission PNGs) or floats in [0, 1].
+- Reference maps (the organisers' truth: levels 0, 1/3, 2/3, 1) enter the map metrics as uint8 codes
+  (`reference_codes`); `map_metric(name)` is the per-image loss score and tune share.
 - Boxes are ``(x, y, width, height)`` rows, x/y the top-left corner in pixels (RSNA layout).
 """
 from __future__ import annotations
@@ -193,6 +195,155 @@ def dice(prob_map, truth_mask, threshold: float = 0.5) -> float:
     pred = to_probability(prob_map) >= threshold
     den = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
     return 1.0 if den == 0 else 2.0 * int(np.count_nonzero(pred & truth)) / den
+
+
+# ----------------------------------------------------------------------------- the organisers' map metric
+
+MIDRC_LEVELS: tuple[float, ...] = (0, 1 / 3, 2 / 3, 1)  # reference levels: share of the 3 readers marking a pixel
+MIDRC_WEIGHTS: tuple[int, ...] = (1, 15, 30, 45)       # the organisers' sample weight of each level
+# Reference codes (`reference_codes`): 0-3 the four levels, 4 any other value > 0, 5 any other value < 0
+# (the organisers' weighting falls back to 1 for both; the label is ``reference > 0``).
+CODE_LABELS = np.array([0, 1, 1, 1, 1, 0], dtype=np.intp)
+CODE_WEIGHTS = np.array([*MIDRC_WEIGHTS, 1, 1], dtype=np.float64)
+N_CODES = len(CODE_LABELS)
+
+
+def reference_codes(reference) -> np.ndarray:
+    """uint8 code per pixel of a reference map, by the organisers' exact comparisons on its own dtype.
+
+    0: ``== 0``, 1: ``== 1/3``, 2: ``== 2/3``, 3: ``== 1`` (weights 1, 15, 30, 45); 4: any other value
+    ``> 0`` (label 1, weight 1); 5: any value ``< 0`` (label 0, weight 1). NaN is an error.
+    """
+    reference = np.asarray(reference)
+    if reference.dtype.kind not in "biuf":
+        raise ValueError(f"reference map of dtype {reference.dtype}: expected numbers")
+    if reference.dtype.kind == "f" and np.isnan(reference).any():
+        raise ValueError("reference map contains NaN")
+    codes = np.where(reference > 0, np.uint8(4), np.uint8(5))
+    for code, level in enumerate(MIDRC_LEVELS):  # the organisers' comparisons (== 0, == 1/3, == 2/3, == 1)
+        codes[reference == level] = code
+    return codes.astype(np.uint8, copy=False)
+
+
+def _check_codes(prob_map: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes)
+    if prob_map.shape != codes.shape:
+        raise ValueError(f"map shape {prob_map.shape} != reference shape {codes.shape}")
+    if codes.dtype != np.uint8:
+        raise ValueError(f"reference codes must be uint8 (metrics.reference_codes), got {codes.dtype}")
+    if prob_map.size == 0:
+        raise ValueError("empty map")
+    return codes
+
+
+def _float32_losses(p32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(-log(1 - p), -log p) as scikit-learn 1.5.1's log_loss computes them from float32 ``p``.
+
+    ``[1 - p, p]`` in float32 from the unclipped p, each clipped to ``[eps, 1 - eps]`` with float32's eps,
+    then the log in float64 of those float32 values (``xlogy`` with integer labels).
+    """
+    p32 = np.asarray(p32, dtype=np.float32)
+    eps = np.finfo(np.float32).eps
+    clear = np.clip(np.float32(1) - p32, eps, np.float32(1) - eps)
+    opacity = np.clip(p32, eps, np.float32(1) - eps)
+    return -np.log(clear.astype(np.float64)), -np.log(opacity.astype(np.float64))
+
+
+_BYTE_P32 = np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0  # the organisers' PNG -> p
+_BYTE_LOSS = np.stack(_float32_losses(_BYTE_P32))  # (2, 256): row = label 0 / 1
+_CODE_BYTE_LOSS = CODE_WEIGHTS[:, None] * _BYTE_LOSS[CODE_LABELS]  # (6, 256): weight * loss per code and byte
+
+
+def midrc_log_loss(prob_map, codes) -> float:
+    """The organisers' weighted log loss of one map (their per-image number, scikit-learn 1.5.1's log_loss).
+
+    ``prob_map``: the submitted uint8 PNG values (p = value / 255 in float32); a float map in [0, 1] is taken
+    as that float32 p. ``codes``: `reference_codes` of the reference map, the same shape. The loss is
+    ``sum(w * -log q) / sum(w)`` over pixels, q = p on label-1 pixels and 1 - p on label-0 pixels, clipped
+    to float32's ``[eps, 1 - eps]``; w and the label follow the code (MIDRC_WEIGHTS; 1 for codes 4 and 5).
+    """
+    prob_map = np.asarray(prob_map)
+    codes = _check_codes(prob_map, codes)
+    if prob_map.dtype == np.uint8:  # 256-entry tables: one bincount, no per-pixel log
+        counts = np.bincount(codes.ravel().astype(np.intp) * 256 + prob_map.ravel(), minlength=N_CODES * 256)
+        if counts.size > N_CODES * 256:
+            raise ValueError(f"reference codes above {N_CODES - 1}")
+        counts = counts.reshape(N_CODES, 256)
+        total = float(np.sum(counts * _CODE_BYTE_LOSS))
+        weight = float(counts.sum(axis=1) @ CODE_WEIGHTS)
+        return total / weight
+    if np.any(codes >= N_CODES):
+        raise ValueError(f"reference codes above {N_CODES - 1}")
+    clear, opacity = _float32_losses(prob_map.astype(np.float32))
+    flat = codes.ravel().astype(np.intp)
+    loss = np.where(CODE_LABELS[flat] == 1, opacity.ravel(), clear.ravel())
+    weights = CODE_WEIGHTS[flat]
+    return float(np.sum(loss * weights) / np.sum(weights))
+
+
+def codes_to_truth(codes) -> np.ndarray:
+    """bool opacity truth of reference codes: the organisers' label (reference > 0), codes 1-4."""
+    codes = np.asarray(codes)
+    if codes.size and int(codes.max()) >= N_CODES:
+        raise ValueError(f"reference codes above {N_CODES - 1}")
+    return CODE_LABELS[codes.astype(np.intp)].astype(bool)
+
+
+class MapMetric:
+    """A per-image map loss that `pneumomap score` and `pneumomap tune` share (lower is better)."""
+
+    name = ""
+
+    def loss(self, map8: np.ndarray, codes: np.ndarray) -> float:
+        """The loss of one uint8 map against the uint8 reference codes of its image (same shape)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+class MidrcMetric(MapMetric):
+    """The MIDRC XAI organisers' weighted log loss (`midrc_log_loss`)."""
+
+    name = "midrc"
+
+    def loss(self, map8, codes) -> float:
+        return midrc_log_loss(map8, codes)
+
+    def describe(self) -> str:
+        return "midrc: the organisers' weighted log loss (weights 1/15/30/45 by reference level)"
+
+
+class BalancedMetric(MapMetric):
+    """`map_log_loss` (class-balanced, p clipped to 1e-7) with truth = the reference's positive pixels."""
+
+    name = "balanced"
+
+    def __init__(self, pos_weight: float = 1.0, neg_weight: float = 1.0):
+        self.pos_weight, self.neg_weight = float(pos_weight), float(neg_weight)
+
+    def loss(self, map8, codes) -> float:
+        map8 = np.asarray(map8)
+        return map_log_loss(map8, codes_to_truth(_check_codes(map8, codes)), self.pos_weight, self.neg_weight)
+
+    def describe(self) -> str:
+        return f"balanced: class-balanced log loss, pos weight {self.pos_weight:g}, neg weight {self.neg_weight:g}"
+
+
+MAP_METRICS: tuple[str, ...] = ("midrc", "balanced")
+DEFAULT_MAP_METRIC = "midrc"
+
+
+def map_metric(name: str, pos_weight: float = 1.0, neg_weight: float = 1.0) -> MapMetric:
+    """The map metric called ``name`` (MAP_METRICS); the weights apply to ``balanced`` only."""
+    if name == "midrc":
+        return MidrcMetric()
+    if name == "balanced":
+        return BalancedMetric(pos_weight, neg_weight)
+    raise ValueError(f"unknown map metric {name!r}; choose one of {', '.join(MAP_METRICS)}")
 
 
 # ----------------------------------------------------------------------------- RSNA boxes

@@ -1,9 +1,12 @@
 """Write an offline HTML report of opacity-map overlays on the radiographs.
 
 OUT/index.html with its images in OUT/img/ (no external URLs: open it from disk, copy the folder anywhere).
-With --truth, the cases with the worst and the best per-image map log loss come first (truth boxes drawn in
-green), then a seeded random sample of the rest; without truth, the random sample only. Each case shows its
-id, probability and the pipeline's decisions (OUT/decisions.csv) when present.
+The submission is read through `pneumomap.submission` (either layout; --work: the run's work folder of a MIDRC
+layout). With --truth (an RSNA-format folder or reference maps, `pneumomap.truth`), the cases with the worst and
+the best per-image map metric (`pneumomap score`'s, --metric, default the organisers' midrc loss) come first
+(truth boxes drawn in green when the truth has boxes), then a seeded random sample of the rest; without truth,
+the random sample only. Each case shows its id, probability and the pipeline's decisions (the run's
+decisions.csv) when present.
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from urllib.parse import quote
 
 import numpy as np
 
-from pneumomap import score
+from pneumomap import metrics, score
 from pneumomap.fileio import atomic_write_bytes, atomic_write_text
+from pneumomap.submission import read_submission
+from pneumomap.truth import DEFAULT_BOX_LEVEL, Truth, load_truth
 
 DISPLAY_SIZE = 512  # longest side of an overlay image, pixels
 OPACITY_RGB = np.array([255.0, 32.0, 0.0])
@@ -120,19 +125,19 @@ def choose(ranked: Sequence[str], others: Sequence[str], n: int, seed: int) -> d
     return {"worst": worst, "best": best, "random": [rest[i] for i in sorted(picks)]}
 
 
-def scored_rows(pred_dir: Path, truth_dir: Path, ids: Sequence[str], truth_def: str) -> tuple[dict, dict]:
+def scored_rows(pred_dir: Path, truth: Truth, ids: Sequence[str],
+                metric: str | metrics.MapMetric = score.DEFAULT_METRIC, work: Path | None = None) -> tuple[dict, dict]:
     """(summary, per-image rows by id) from score_submission over ``ids``, plus the truth boxes."""
-    from pneumomap.labels import load_rsna
-
-    dataset = load_rsna(truth_dir)
-    ids = [pid for pid in ids if pid in dataset.target]
+    known = set(truth.ids)
+    ids = [pid for pid in ids if pid in known]
     if not ids:
-        raise score.SubmissionError(f"{truth_dir}: none of the predicted ids is in the truth set")
-    result = score.score_submission(pred_dir, truth_dir, ids=ids, truth_def=truth_def, dataset=dataset)
+        raise score.SubmissionError(f"{truth.root}: none of the predicted ids is in the truth set")
+    result = score.score_submission(pred_dir, truth, ids=ids, metric=metric, work=work)
     rows = {row["image_id"]: row for row in result.pop("per_image")}
     for pid, row in rows.items():
-        row["boxes"] = score.box_array(dataset.boxes.get(pid, []))
-        row["class"] = dataset.cls.get(pid, "")
+        boxes = truth.boxes(pid)
+        row["boxes"] = np.zeros((0, 4)) if boxes is None else boxes
+        row["class"] = truth.image_class(pid)
     return result, rows
 
 
@@ -195,24 +200,35 @@ def page_html(sections: dict[str, list[Case]], summary: Sequence[tuple[str, obje
 
 # ----------------------------------------------------------------------------- the report
 
+def _truth_image(truth: Truth | None, image_id: str) -> Path | None:
+    """The truth folder's own radiograph of an id missing from --images, when there is one."""
+    path = truth.image_path(image_id) if truth is not None else None
+    return path if path is not None and path.is_file() else None
+
+
 def write_report(pred_dir: str | Path, images_dir: str | Path, out_dir: str | Path,
                  truth_dir: str | Path | None = None, n: int = 8, seed: int = 0,
-                 truth_def: str = score.DEFAULT_TRUTH_DEF) -> Path:
+                 truth_def: str = score.DEFAULT_TRUTH_DEF, *, metric: str | metrics.MapMetric = score.DEFAULT_METRIC,
+                 box_level: float | str = DEFAULT_BOX_LEVEL, work: str | Path | None = None) -> Path:
     """Write out_dir/index.html and out_dir/img/*.png; return the page's path."""
     from tqdm import tqdm
 
     from pneumomap.stages.reader import list_images
 
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
-    probabilities = score.read_predictions(pred_dir / "predictions.csv")
-    decisions = score.read_decisions(pred_dir)
+    submission = read_submission(pred_dir, work)
+    probabilities = submission.probabilities
+    decisions = score.read_decisions(submission)
     images = {p.stem: p for p in list_images(images_dir)}
     ids = list(probabilities)
     summary: list[tuple[str, object]] = [("submission", str(pred_dir)), ("images", len(ids))]
     rows: dict[str, dict] = {}
+    truth = None
     if truth_dir is not None:
-        result, rows = scored_rows(pred_dir, Path(truth_dir), ids, truth_def)
-        summary += [("truth", f"{truth_dir} ({truth_def})")]
+        truth = load_truth(truth_dir, truth_def=truth_def, box_level=box_level)
+        result, rows = scored_rows(pred_dir, truth, ids, metric, submission.layout.work)
+        level = f", box level {result['box_level_name']}" if result.get("box_level_name") else ""
+        summary += [("truth", f"{truth_dir} ({result['truth_def']}{level})"), ("metric", result["metric"])]
         summary += [(k, result[k]) for k in ("n_images", "auc", "map_log_loss", "dice", "rsna_map") if k in result]
     ranked = sorted((pid for pid in rows if "map_log_loss" in rows[pid]),
                     key=lambda pid: -rows[pid]["map_log_loss"])
@@ -220,32 +236,36 @@ def write_report(pred_dir: str | Path, images_dir: str | Path, out_dir: str | Pa
 
     sections: dict[str, list[Case]] = {}
     for name, section_ids in chosen.items():
-        sections[name] = [Case(pid, probabilities[pid], images.get(pid), rows.get(pid, {}),
+        sections[name] = [Case(pid, probabilities[pid], images.get(pid) or _truth_image(truth, pid), rows.get(pid, {}),
                                decisions.get(pid, {}), rows.get(pid, {}).get("boxes", np.zeros((0, 4))))
                           for pid in section_ids]
     for case in tqdm([c for cases in sections.values() for c in cases], desc="report", unit="image", leave=False):
-        render_case(case, pred_dir / "maps", out_dir)
+        render_case(case, score.maps_folder(submission), out_dir)
     page = out_dir / "index.html"
     atomic_write_text(page, page_html(sections, summary, f"pneumomap report: {pred_dir.name}"))
     return page
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", required=True, type=Path, help="submission folder (predictions.csv, maps/, ...)")
+    parser.add_argument("--pred", required=True, type=Path, help="submission folder (either layout, as score)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="the run's work folder of a MIDRC-layout submission (default <pred>-work)")
     parser.add_argument("--images", required=True, type=Path, help="the radiographs the submission was made from")
-    parser.add_argument("--truth", type=Path, help="RSNA-format truth folder: rank cases by map log loss, draw boxes")
+    parser.add_argument("--truth", type=Path,
+                        help="truth folder (RSNA-format or reference maps): rank cases by the map metric, draw boxes")
     parser.add_argument("--out", required=True, type=Path, help="report folder (index.html + img/)")
     parser.add_argument("--n", type=int, default=8, help="cases per section (worst, best, random; default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
-    parser.add_argument("--truth-def", choices=score.TRUTH_DEFS, default=score.DEFAULT_TRUTH_DEF,
-                        help=f"opacity ground truth for the map log loss (default {score.DEFAULT_TRUTH_DEF})")
+    score.add_metric_arguments(parser)  # the map metric the cases are ranked by, as score's
 
 
 def main(args: argparse.Namespace) -> int:
     from pneumomap.stages.reader import UnreadableImageError
 
     try:
-        page = write_report(args.pred, args.images, args.out, args.truth, args.n, args.seed, args.truth_def)
+        page = write_report(args.pred, args.images, args.out, args.truth, args.n, args.seed, args.truth_def,
+                            metric=metrics.map_metric(args.metric, args.pos_weight, args.neg_weight),
+                            box_level=args.box_level, work=args.work)
     except (ValueError, OSError, UnreadableImageError) as error:
         print(f"pneumomap report: error: {error}", file=sys.stderr)
         return 1

@@ -1,20 +1,31 @@
-"""Score a submission folder against an RSNA-format truth folder.
+"""Score a submission folder against a truth folder.
 
-The submission (written by `pneumomap infer`):
-  OUT/predictions.csv        image_id,probability     -> ROC AUC; accuracy, precision, recall, specificity,
-                                                         F1 and the confusion matrix at the threshold
-  OUT/maps/<image_id>.png    8-bit map, p = value/255 -> weighted pixel log loss and Dice at 0.5
-  OUT/rsna_submission.csv    (optional)               -> Kaggle RSNA mAP over IoU 0.40..0.75
-  OUT/run_summary.json       (optional) its `threshold` is the operating point unless --threshold is given
+The submission (written by `pneumomap infer`, either layout of `pneumomap.submission`):
+  probabilities        midrc: OUT/image-level-classifications.csv (fileNamePath,score); pneumomap:
+                       OUT/predictions.csv (image_id,probability) -> ROC AUC; accuracy, precision, recall,
+                       specificity, F1 and the confusion matrix at the threshold
+  maps                 midrc: OUT/<name>.png; pneumomap: OUT/maps/<image_id>.png; 8-bit, p = value/255
+                       -> the map metric and Dice at 0.5
+  rsna_submission.csv  (optional, in the run's work folder) -> Kaggle RSNA mAP over IoU 0.40..0.75
+  run_summary.json     (optional, in the run's work folder) its `threshold` is the operating point unless
+                       --threshold is given
+The midrc layout keeps the run's files in a work folder, `<OUT>-work` unless --work says otherwise.
 
-Map log loss per image (class-balanced by default; the challenge's exact weighting was not published):
-  pos_weight * mean(-log p over opacity pixels) + neg_weight * mean(-log(1-p) over clear pixels),
-  p clipped to [1e-7, 1-1e-7]; an image without opacity scores the clear term only; then the mean over images.
-The opacity truth is --truth-def: the label boxes, the boxes inside the lung mask (default), or the ellipses
-inscribed in the boxes inside the lung mask.
+The truth (`pneumomap.truth`): an RSNA-format folder, whose opacity region (--truth-def: the label boxes, the
+boxes inside the lung mask (default), or the ellipses inscribed in those) counts as one reference level
+(--box-level 1/3, 2/3 or 1, default 1); or a folder of the organisers' kind of reference maps (<name>.npy or
+8-bit <name>.png levels 0, 1/3, 2/3, 1) with image-level-classifications.csv for the labels.
+
+Map metric (--metric):
+  midrc (default)  the MIDRC XAI organisers' number: per image scikit-learn's log_loss of p (float32) against
+                   reference > 0, weighted 1 / 15 / 30 / 45 by the reference level 0 / 1/3 / 2/3 / 1; then the
+                   mean over images (`metrics.midrc_log_loss`)
+  balanced         pos_weight * mean(-log p over opacity pixels) + neg_weight * mean(-log(1-p) over clear
+                   pixels), p clipped to [1e-7, 1-1e-7]; an image without opacity scores the clear term only
 
 Only ids of the truth set are scored (optionally one split of split.csv); a truth id without a prediction
-is an error that names it.
+is an error that names it. With the midrc layout and every truth id scored, the PNGs of OUT must be exactly one
+per truth image: the organisers' scorer pairs them with its reference maps by sorted file order.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -31,14 +43,15 @@ import numpy as np
 
 from pneumomap import metrics
 from pneumomap.fileio import atomic_write_bytes, atomic_write_text
+from pneumomap.submission import MIDRC_CSV, PNEUMOMAP_CSV, Submission, SubmissionError, read_submission
+from pneumomap.truth import (DEFAULT_BOX_LEVEL, DEFAULT_TRUTH_DEF, TRUTH_DEFS, RsnaTruth, Truth, box_array,
+                             load_truth, parse_box_level, select_ids, truth_mask)
 
-TRUTH_DEFS = ("boxes", "boxes_in_lungs", "ellipses")
-DEFAULT_TRUTH_DEF = "boxes_in_lungs"
+__all__ = ["SubmissionError", "DEFAULT_TRUTH_DEF", "TRUTH_DEFS", "box_array", "select_ids", "truth_mask",
+           "score_submission", "main", "add_arguments"]
+
 DEFAULT_THRESHOLD = 0.5
-
-
-class SubmissionError(ValueError):
-    """A submission folder that cannot be scored; the message names the file and what is wrong."""
+DEFAULT_METRIC = metrics.DEFAULT_MAP_METRIC
 
 
 # ----------------------------------------------------------------------------- reading a submission
@@ -53,7 +66,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
 
 
 def read_predictions(path: str | Path) -> dict[str, float]:
-    """``image_id -> probability`` from predictions.csv."""
+    """``image_id -> probability`` from a pneumomap-layout predictions.csv."""
     path = Path(path)
     out: dict[str, float] = {}
     for line, row in enumerate(_read_csv(path, ("image_id", "probability")), start=2):
@@ -85,10 +98,11 @@ def read_rsna_submission(path: str | Path) -> dict[str, tuple[np.ndarray, np.nda
     return out
 
 
-def read_decisions(pred_dir: str | Path) -> dict[str, dict[str, str]]:
-    """``image_id -> row`` of OUT/decisions.csv, empty when the file is absent."""
-    path = Path(pred_dir) / "decisions.csv"
-    if not path.is_file():
+def read_decisions(pred_dir: str | Path | Submission, work: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """``image_id -> row`` of the run's decisions.csv (in the work folder of either layout), empty when absent."""
+    sub = pred_dir if isinstance(pred_dir, Submission) else read_submission(pred_dir, work)
+    path = sub.work_file("decisions.csv")
+    if path is None:
         return {}
     return {row["image_id"]: row for row in _read_csv(path, ("image_id",))}
 
@@ -103,56 +117,76 @@ def read_map(path: str | Path) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def read_run_threshold(pred_dir: str | Path) -> float | None:
-    """The ``threshold`` field of OUT/run_summary.json, if there is one."""
-    path = Path(pred_dir) / "run_summary.json"
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text(encoding="utf-8")).get("threshold")
-    return None if value is None else float(value)
+def read_run_threshold(pred_dir: str | Path, work: str | Path | None = None) -> float | None:
+    """The ``threshold`` of the run's run_summary.json (in the work folder of either layout), if there is one."""
+    return read_submission(pred_dir, work).threshold()
 
 
-# ----------------------------------------------------------------------------- truth
-
-def box_array(boxes: Iterable) -> np.ndarray:
-    """RSNA ``Box`` objects -> (n, 4) float array of x, y, width, height."""
-    return np.array([[b.x, b.y, b.width, b.height] for b in boxes], dtype=np.float64).reshape(-1, 4)
+def probability_table(sub: Submission) -> Path:
+    """The per-image probability CSV of a submission."""
+    return sub.folder / (MIDRC_CSV if sub.layout.name == "midrc" else PNEUMOMAP_CSV)
 
 
-def truth_mask(dataset, pid: str, shape: tuple[int, int], truth_def: str = DEFAULT_TRUTH_DEF) -> np.ndarray:
-    """The opacity truth of one image as bool ``shape``, by ``truth_def`` (see TRUTH_DEFS)."""
-    from pneumomap.labels import box_mask, opacity_target, read_lung_mask
-
-    boxes = dataset.boxes.get(pid, [])
-    if truth_def == "boxes":
-        return box_mask(boxes, shape)
-    if truth_def not in TRUTH_DEFS:
-        raise ValueError(f"unknown truth definition {truth_def!r}; choose one of {TRUTH_DEFS}")
-    lungs = read_lung_mask(dataset.mask_path(pid))
-    if lungs.shape != tuple(shape):
-        raise SubmissionError(f"{pid}: map shape {tuple(shape)} != lung mask shape {lungs.shape} "
-                              f"({dataset.mask_path(pid)}); maps must be at the original image size")
-    return opacity_target(boxes, lungs, ellipse=truth_def == "ellipses")
+def maps_folder(sub: Submission) -> Path:
+    """The folder of a submission's map PNGs (OUT itself for midrc, OUT/maps for pneumomap)."""
+    return sub.map_path("x").parent
 
 
-def select_ids(dataset, split: str | None = None, ids: Iterable[str] | None = None) -> list[str]:
-    """The truth ids to score: all, or one split of split.csv, optionally intersected with ``ids``."""
-    chosen = list(dataset.ids)
-    if split is not None:
-        chosen = [pid for pid in chosen if dataset.split.get(pid) == split]
-        if not chosen:
-            raise SubmissionError(f"{dataset.root}: no image in split {split!r}")
-    if ids is not None:
-        wanted = set(ids)
-        chosen = [pid for pid in chosen if pid in wanted]
-    return chosen
+# ----------------------------------------------------------------------------- checks
+
+def _first(items: Sequence, n: int = 10) -> str:
+    items = list(items)
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _require(ids: Sequence[str], available, what: str) -> None:
     missing = [pid for pid in ids if pid not in available]
     if missing:
-        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise SubmissionError(f"{what} has no prediction for {len(missing)} truth id(s): {shown}")
+        raise SubmissionError(f"{what} has no prediction for {len(missing)} truth id(s): {_first(missing)}")
+
+
+def organisers_png_names(folder: str | Path) -> list[str]:
+    """The names the organisers' scorer takes for the submitted maps: every entry of the folder whose name
+    contains ``.png``, sorted (it pairs the i-th of them with the i-th sorted reference ``.npy``)."""
+    return sorted(name for name in os.listdir(folder) if ".png" in name)
+
+
+def check_sorted_pairing(folder: str | Path, truth_ids: Iterable[str]) -> None:
+    """SubmissionError unless the organisers' sorted PNG list of ``folder`` is exactly one ``<id>.png`` per truth
+    id: their scorer pairs PNGs and reference maps by sorted order, so one extra or missing PNG shifts the rest."""
+    names = organisers_png_names(folder)
+    expected = sorted(f"{i}.png" for i in truth_ids)
+    if names == expected:
+        return
+    name_set, expected_set = set(names), set(expected)
+    extra = [n for n in names if n not in expected_set]
+    missing = [n for n in expected if n not in name_set]
+    at = next((k for k, (a, b) in enumerate(zip(names, expected)) if a != b), min(len(names), len(expected)))
+    parts = []
+    if extra:
+        parts.append(f"{len(extra)} PNG(s) of no truth image: {_first(extra)}")
+    if missing:
+        parts.append(f"{len(missing)} truth image(s) without a PNG: {_first(missing)}")
+    if at < min(len(names), len(expected)):
+        effect = (f"it would score {names[at]} against the reference of {Path(expected[at]).stem} (image {at + 1} "
+                  f"of {len(expected)}) and misalign every later image")
+    else:
+        effect = (f"it would pair {len(names)} map(s) with {len(expected)} reference(s), stopping at the shorter "
+                  "list")
+    raise SubmissionError(f"{Path(folder)}: {'; '.join(parts)}. The organisers' scorer pairs the PNGs of this "
+                          f"folder with its reference maps by sorted file order, so {effect}. Leave exactly one "
+                          "<name>.png per truth image in the folder")
+
+
+def join_warnings(sub: Submission, truth: Truth, ids: Sequence[str]) -> list[str]:
+    """The organisers join the two image-level CSVs on fileNamePath exactly: names that differ drop out."""
+    differ = [(sub.names[i], truth.file_name(i)) for i in ids
+              if i in sub.names and truth.file_name(i) is not None and sub.names[i] != truth.file_name(i)]
+    if not differ:
+        return []
+    shown = ", ".join(f"{a!r} vs {b!r}" for a, b in differ[:3])
+    return [f"{len(differ)} fileNamePath(s) of {probability_table(sub)} differ from the reference's ({shown}): "
+            "the organisers join the two CSVs on fileNamePath, so their AUC would leave those images out"]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -161,19 +195,19 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def score_maps(dataset, ids: Sequence[str], maps_dir: Path, truth_def: str, pos_weight: float,
-               neg_weight: float) -> list[dict]:
-    """Per-image map log loss and Dice for ``ids`` (every map must exist)."""
+def score_maps(truth: Truth, ids: Sequence[str], sub: Submission, metric: metrics.MapMetric) -> list[dict]:
+    """Per-image map metric and Dice for ``ids`` (every map must exist)."""
     from tqdm import tqdm
 
-    _require(ids, {p.stem for p in maps_dir.glob("*.png")}, str(maps_dir))
+    _require(ids, set(sub.map_ids()), str(maps_folder(sub)))
     rows = []
     for pid in tqdm(ids, desc="score maps", unit="map", leave=False, disable=len(ids) < 50):
-        prob_map = read_map(maps_dir / f"{pid}.png")
-        truth = truth_mask(dataset, pid, prob_map.shape, truth_def)
-        rows.append({"image_id": pid, "opacity_pixels": int(np.count_nonzero(truth)),
-                     "map_log_loss": metrics.map_log_loss(prob_map, truth, pos_weight, neg_weight),
-                     "dice": metrics.dice(prob_map, truth)})
+        prob_map = read_map(sub.map_path(pid))
+        codes = truth.codes(pid, prob_map.shape)
+        opacity = metrics.codes_to_truth(codes)
+        rows.append({"image_id": pid, "opacity_pixels": int(np.count_nonzero(opacity)),
+                     "map_log_loss": metric.loss(prob_map, codes),
+                     "dice": metrics.dice(prob_map, opacity)})
     return rows
 
 
@@ -190,58 +224,72 @@ def _map_summary(rows: list[dict]) -> dict:
     }
 
 
-def score_submission(pred_dir: str | Path, truth_dir: str | Path, *, threshold: float | None = None,
+def score_submission(pred_dir: str | Path, truth_dir: str | Path | Truth, *, threshold: float | None = None,
                      truth_def: str = DEFAULT_TRUTH_DEF, pos_weight: float = 1.0, neg_weight: float = 1.0,
-                     split: str | None = None, ids: Iterable[str] | None = None,
-                     dataset=None) -> dict:
-    """Score ``pred_dir`` against the RSNA-format ``truth_dir``; returns the metrics and per-image rows.
+                     split: str | None = None, ids: Iterable[str] | None = None, dataset=None,
+                     metric: str | metrics.MapMetric = DEFAULT_METRIC, box_level: float | str = DEFAULT_BOX_LEVEL,
+                     work: str | Path | None = None) -> dict:
+    """Score the submission ``pred_dir`` against ``truth_dir``; returns the metrics and per-image rows.
 
-    ``threshold``: the operating point; None reads OUT/run_summary.json's ``threshold``, else 0.5.
-    ``ids`` restricts scoring to those truth ids; ``dataset`` is an already loaded ``load_rsna(truth_dir)``.
-    Maps are scored when OUT/maps exists, boxes when OUT/rsna_submission.csv exists.
+    ``truth_dir``: a truth folder (`truth.load_truth` with ``split``, ``truth_def``, ``box_level``) or a Truth.
+    ``dataset``: an already loaded ``load_rsna(truth_dir)``. ``metric``: a name of metrics.MAP_METRICS (the
+    weights apply to ``balanced``) or a MapMetric. ``threshold``: the operating point; None reads the run's
+    run_summary.json, else 0.5. ``ids`` restricts scoring to those truth ids. ``work``: the run's work folder
+    (midrc layout; default ``<pred_dir>-work``). Maps are scored when the submission has a map folder (always
+    with midrc), boxes when the run's rsna_submission.csv exists and the truth has boxes.
     """
-    from pneumomap.labels import load_rsna
-
-    pred_dir = Path(pred_dir)
     if truth_def not in TRUTH_DEFS:
         raise ValueError(f"unknown truth definition {truth_def!r}; choose one of {TRUTH_DEFS}")
-    dataset = load_rsna(truth_dir) if dataset is None else dataset
-    chosen = select_ids(dataset, split, ids)
-    if not chosen:
-        raise SubmissionError(f"{truth_dir}: no truth image to score")
-    probabilities = read_predictions(pred_dir / "predictions.csv")
-    _require(chosen, probabilities, str(pred_dir / "predictions.csv"))
+    map_metric = metric if isinstance(metric, metrics.MapMetric) else metrics.map_metric(metric, pos_weight,
+                                                                                         neg_weight)
+    if isinstance(truth_dir, Truth):
+        truth = truth_dir
+    elif dataset is not None:
+        truth = RsnaTruth(dataset, split=split, truth_def=truth_def, box_level=box_level)
+    else:
+        truth = load_truth(truth_dir, split=split, truth_def=truth_def, box_level=box_level)
+    sub = read_submission(pred_dir, work)
 
-    run_threshold = read_run_threshold(pred_dir)
+    restricted = ids is not None
+    wanted = set(ids) if restricted else None
+    chosen = [pid for pid in truth.ids if wanted is None or pid in wanted]
+    if not chosen:
+        raise SubmissionError(f"{truth.root}: no truth image to score")
+    _require(chosen, sub.probabilities, str(probability_table(sub)))
+    if sub.layout.name == "midrc" and not restricted and not truth.selected:
+        check_sorted_pairing(sub.folder, chosen)
+
+    run_threshold = sub.threshold()
     source = "argument" if threshold is not None else "run_summary.json" if run_threshold is not None else "default"
     threshold = threshold if threshold is not None else run_threshold if run_threshold is not None \
         else DEFAULT_THRESHOLD
 
-    y_true = np.array([int(dataset.target.get(pid, 0)) for pid in chosen])
-    y_score = np.array([probabilities[pid] for pid in chosen])
+    y_true = np.array([truth.label(pid) for pid in chosen])
+    y_score = np.array([sub.probabilities[pid] for pid in chosen])
     result: dict = {"n_images": len(chosen), "n_positive": int(y_true.sum()),
-                    "n_ignored_predictions": len(set(probabilities) - set(chosen)),
-                    "threshold_source": source, "truth_def": truth_def,
-                    "pos_weight": pos_weight, "neg_weight": neg_weight, "split": split,
+                    "n_ignored_predictions": len(set(sub.probabilities) - set(chosen)),
+                    "threshold_source": source, "metric": map_metric.name, "metric_description": map_metric.describe(),
+                    "split": split, **truth.describe(), "layout": sub.layout.name, "work": str(sub.layout.work),
+                    "pos_weight": pos_weight, "neg_weight": neg_weight,
                     "auc": metrics.roc_auc(y_true, y_score)}
     result.update(metrics.classification_metrics(y_true, y_score, threshold))
     per_image = [{"image_id": pid, "target": int(t), "probability": float(s)}
                  for pid, t, s in zip(chosen, y_true, y_score)]
 
-    maps_dir = pred_dir / "maps"
-    if maps_dir.is_dir():
-        rows = score_maps(dataset, chosen, maps_dir, truth_def, pos_weight, neg_weight)
+    if sub.layout.name == "midrc" or maps_folder(sub).is_dir():
+        rows = score_maps(truth, chosen, sub, map_metric)
         result.update(_map_summary(rows))
         for record, row in zip(per_image, rows):
             record.update(row)
 
-    rsna_csv = pred_dir / "rsna_submission.csv"
-    if rsna_csv.is_file():
+    rsna_csv = sub.work_file("rsna_submission.csv")
+    if rsna_csv is not None and truth.boxes(chosen[0]) is not None:
         boxes = read_rsna_submission(rsna_csv)
         _require(chosen, boxes, str(rsna_csv))
-        truth_boxes = {pid: box_array(dataset.boxes.get(pid, [])) for pid in chosen}
+        truth_boxes = {pid: truth.boxes(pid) for pid in chosen}
         result["rsna_map"] = metrics.rsna_map(truth_boxes, boxes, chosen)
 
+    result["warnings"] = join_warnings(sub, truth, chosen)
     result["per_image"] = per_image
     return result
 
@@ -263,19 +311,20 @@ def to_json(result: dict) -> str:
     return json.dumps(clean(result), indent=2) + "\n"
 
 
-TABLE_KEYS = ("n_images", "n_positive", "threshold", "auc", "accuracy", "precision", "recall", "specificity",
-              "f1", "map_log_loss", "map_log_loss_positive", "map_log_loss_negative", "dice", "dice_positive",
-              "rsna_map")
+TABLE_KEYS = ("metric", "truth_def", "box_level_name", "n_images", "n_positive", "threshold", "auc", "accuracy",
+              "precision", "recall", "specificity", "f1", "map_log_loss", "map_log_loss_positive",
+              "map_log_loss_negative", "dice", "dice_positive", "rsna_map")
+TABLE_NAMES = {"box_level_name": "box_level"}
 
 
 def format_table(result: dict) -> str:
     """The console table: one metric per line, then the confusion matrix."""
     lines = []
     for key in TABLE_KEYS:
-        if key in result:
+        if result.get(key) is not None:
             value = result[key]
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"{key:<24}{text}")
+            lines.append(f"{TABLE_NAMES.get(key, key):<24}{text}")
     (tn, fp), (fn, tp) = result["confusion_matrix"]
     lines += ["confusion matrix        pred 0  pred 1",
               f"  truth 0             {tn:>7} {fp:>7}",
@@ -335,27 +384,75 @@ def write_plots(result: dict, plots_dir: str | Path) -> list[Path]:
 
 # ----------------------------------------------------------------------------- command line
 
+def box_level_argument(text: str) -> float:
+    """argparse type of --box-level: 1/3, 2/3, 1 or a decimal equal to one of them."""
+    try:
+        return parse_box_level(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the map metric and of the truth it is computed against (score, tune and report share them)."""
+    parser.add_argument("--metric", choices=metrics.MAP_METRICS, default=DEFAULT_METRIC,
+                        help=f"map metric (default {DEFAULT_METRIC}: the MIDRC organisers' weighted log loss; "
+                             "balanced: class-balanced log loss weighted by --pos-weight/--neg-weight)")
+    parser.add_argument("--box-level", type=box_level_argument, default=DEFAULT_BOX_LEVEL, metavar="1/3|2/3|1",
+                        help="RSNA truth: the reference level its opacity region counts as, i.e. the share of the "
+                             "organisers' three readers (default 1: weight 45; 2/3: 30; 1/3: 15)")
+    parser.add_argument("--truth-def", choices=TRUTH_DEFS, default=DEFAULT_TRUTH_DEF,
+                        help=f"RSNA truth: the opacity region (default {DEFAULT_TRUTH_DEF})")
+    parser.add_argument("--pos-weight", type=float, default=1.0,
+                        help="--metric balanced: weight of the opacity-pixel term (default 1)")
+    parser.add_argument("--neg-weight", type=float, default=1.0,
+                        help="--metric balanced: weight of the clear-pixel term (default 1)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", required=True, type=Path, help="submission folder (predictions.csv, maps/, ...)")
-    parser.add_argument("--truth", required=True, type=Path, help="RSNA-format folder (label CSVs, lung_masks/)")
+    parser.add_argument("--pred", required=True, type=Path,
+                        help="submission folder of either layout (MIDRC: <name>.png + image-level-classifications.csv;"
+                             " pneumomap: predictions.csv + maps/)")
+    parser.add_argument("--truth", required=True, type=Path,
+                        help="RSNA-format folder (label CSVs, lung_masks/) or a folder of reference maps "
+                             "(<name>.npy or 8-bit <name>.png levels, image-level-classifications.csv)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="the run's work folder (run_summary.json, decisions.csv, rsna_submission.csv) of a "
+                             "MIDRC-layout submission (default <pred>-work)")
+    add_metric_arguments(parser)
     parser.add_argument("--json", type=Path, help="write the metrics (and per-image rows) to this JSON file")
     parser.add_argument("--plots", type=Path, help="write ROC, precision-recall and confusion-matrix PNGs here")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="classification threshold (default: `threshold` of OUT/run_summary.json, else 0.5)")
-    parser.add_argument("--truth-def", choices=TRUTH_DEFS, default=DEFAULT_TRUTH_DEF,
-                        help=f"opacity ground truth for the maps (default {DEFAULT_TRUTH_DEF})")
-    parser.add_argument("--pos-weight", type=float, default=1.0, help="weight of the opacity-pixel term")
-    parser.add_argument("--neg-weight", type=float, default=1.0, help="weight of the clear-pixel term")
-    parser.add_argument("--split", default=None, help="score only this split of split.csv (e.g. test)")
+                        help="classification threshold (default: `threshold` of the run's run_summary.json, else 0.5)")
+    parser.add_argument("--split", default=None, help="RSNA truth: score only this split of split.csv (e.g. test)")
+
+
+def ignored_options(args: argparse.Namespace, truth: Truth) -> list[str]:
+    """Notes on metric options set away from their defaults that do not apply to this metric or truth."""
+    notes = []
+    if args.metric != "balanced":
+        notes += [f"{flag} applies to --metric balanced only; ignored"
+                  for flag, value in (("--pos-weight", args.pos_weight), ("--neg-weight", args.neg_weight))
+                  if value != 1.0]
+    if not isinstance(truth, RsnaTruth):
+        notes += [f"{flag} applies to RSNA truth folders only ({truth.root} holds reference maps); ignored"
+                  for flag, value, default in (("--box-level", args.box_level, DEFAULT_BOX_LEVEL),
+                                               ("--truth-def", args.truth_def, DEFAULT_TRUTH_DEF))
+                  if value != default]
+    return notes
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        result = score_submission(args.pred, args.truth, threshold=args.threshold, truth_def=args.truth_def,
-                                  pos_weight=args.pos_weight, neg_weight=args.neg_weight, split=args.split)
+        truth = load_truth(args.truth, split=args.split, truth_def=args.truth_def, box_level=args.box_level)
+        notes = ignored_options(args, truth)
+        result = score_submission(args.pred, truth, threshold=args.threshold, truth_def=args.truth_def,
+                                  pos_weight=args.pos_weight, neg_weight=args.neg_weight, split=args.split,
+                                  metric=args.metric, work=args.work)
     except (ValueError, OSError) as error:  # SubmissionError, label errors, missing files
         print(f"pneumomap score: error: {error}", file=sys.stderr)
         return 1
+    for note in notes + result["warnings"]:
+        print(f"pneumomap score: warning: {note}", file=sys.stderr)
     print(format_table(result))
     if args.json:
         atomic_write_text(args.json, to_json(result))

@@ -241,3 +241,112 @@ def test_rsna_map_skips_empty_images_and_missing_ids_have_no_boxes():
     assert metrics.rsna_map(truth, {"b": ([1.0], [[0, 0, 10, 10]])}) == 1.0
     assert metrics.rsna_map(truth, {}) == 0.0
     assert math.isnan(metrics.rsna_map({"a": np.zeros((0, 4))}, {}))
+
+
+# ----------------------------------------------------------------------------- the organisers' map metric
+
+LEVELS = np.array([0, 1 / 3, 2 / 3, 1])
+
+
+def organisers_wll(ref_np: np.ndarray, png: np.ndarray) -> float:
+    """One image of the organisers' scorer (QTIM-Lab/Challenges XAI/app_scoring/program/scoring.py), verbatim
+    but for the file reads: the PNG's uint8 values and the reference array are passed in."""
+    pred_np = png.astype(np.float32) / 255.0
+    ref_binarized = np.where(ref_np > 0, 1, 0)
+    ref_pmap_to_weights = np.where(ref_np == 0, 1,
+                          np.where((ref_np == 1/3), 15,  # noqa: E128
+                          np.where((ref_np == 2/3), 30,
+                          np.where((ref_np == 1), 45, 1))))
+    return skm.log_loss(ref_binarized.flatten(), pred_np.flatten(), sample_weight=ref_pmap_to_weights.flatten(),
+                        labels=[0, 1])
+
+
+def random_reference(rng, shape, positive: bool = True) -> np.ndarray:
+    """Rectangles of the four reader-agreement levels on zero (none when not ``positive``)."""
+    ref = np.zeros(shape)
+    if positive:
+        for _ in range(4):
+            r, c = rng.integers(0, shape[0] - 5), rng.integers(0, shape[1] - 5)
+            h, w = rng.integers(3, shape[0] // 2), rng.integers(3, shape[1] // 2)
+            ref[r:r + h, c:c + w] = np.maximum(ref[r:r + h, c:c + w], LEVELS[rng.integers(1, 4)])
+    return ref
+
+
+def random_prediction(rng, shape) -> np.ndarray:
+    png = rng.integers(0, 256, shape, dtype=np.uint8)
+    png.flat[rng.choice(png.size, 6, replace=False)] = [0, 0, 0, 255, 255, 255]  # the clipped ends
+    return png
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_midrc_log_loss_equals_sklearn_to_1e9(seed):
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+    ref = random_reference(rng, shape, positive=seed % 3 != 2)  # seeds 2, 5: no positive pixel
+    png = random_prediction(rng, shape)
+    if seed == 0:  # a confident map: 0 on clear, 255 on opacity, and the reverse in one corner
+        png = np.where(ref > 0, 255, 0).astype(np.uint8)
+        png[:5, :5] = 255 - png[:5, :5]
+    expected = organisers_wll(ref, png)
+    codes = metrics.reference_codes(ref)
+    assert abs(metrics.midrc_log_loss(png, codes) - expected) <= 1e-9 * max(1.0, expected)
+    assert abs(metrics.midrc_log_loss(png.astype(np.float32) / 255.0, codes) - expected) <= 1e-9 * max(1.0, expected)
+    assert metrics.map_metric("midrc").loss(png, codes) == metrics.midrc_log_loss(png, codes)
+    ref32 = ref.astype(np.float32)  # a float32 reference: the same comparisons in float32
+    assert abs(metrics.midrc_log_loss(png, metrics.reference_codes(ref32)) - organisers_wll(ref32, png)) <= 1e-9
+
+
+def test_midrc_log_loss_of_other_values_and_extremes():
+    rng = np.random.default_rng(11)
+    ref = LEVELS[rng.integers(0, 4, (30, 40))]
+    ref[0, :10] = 0.5    # another positive value: label 1, weight 1
+    ref[1, :10] = -0.25  # a negative value: label 0, weight 1
+    ref[2, :10] = 7.0
+    png = random_prediction(rng, ref.shape)
+    assert metrics.midrc_log_loss(png, metrics.reference_codes(ref)) == pytest.approx(organisers_wll(ref, png),
+                                                                                   rel=1e-12, abs=1e-12)
+    worst = np.where(ref > 0, 0, 255).astype(np.uint8)  # every pixel at float32's clip
+    assert metrics.midrc_log_loss(worst, metrics.reference_codes(ref)) == pytest.approx(
+        -math.log(np.finfo(np.float32).eps), rel=1e-12)
+
+
+def test_reference_codes_follow_the_exact_comparisons():
+    ref = np.array([0, 1 / 3, 2 / 3, 1, 0.5, 2.0, -1.0, 0.3333])
+    assert metrics.reference_codes(ref).tolist() == [0, 1, 2, 3, 4, 4, 5, 4]
+    assert metrics.reference_codes(ref).dtype == np.uint8
+    assert metrics.reference_codes(ref.astype(np.float32)).tolist() == [0, 1, 2, 3, 4, 4, 5, 4]
+    assert metrics.reference_codes(np.array([0, 1, 2, -3])).tolist() == [0, 3, 4, 5]
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.reference_codes(np.array([0.0, np.nan]))
+
+
+def test_midrc_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 4\).*\(4, 5\)"):
+        metrics.midrc_log_loss(np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8))
+
+
+def test_map_metric_names_and_balanced_equals_map_log_loss():
+    rng = np.random.default_rng(5)
+    ref = random_reference(rng, (40, 50))
+    ref[0, 0] = 0.5  # code 4 counts as opacity
+    codes = metrics.reference_codes(ref)
+    png = random_prediction(rng, ref.shape)
+    balanced = metrics.map_metric("balanced", pos_weight=3.0, neg_weight=0.5)
+    assert isinstance(balanced, metrics.BalancedMetric) and balanced.name == "balanced"
+    assert balanced.loss(png, codes) == metrics.map_log_loss(png, ref > 0, 3.0, 0.5)
+    assert isinstance(metrics.map_metric("midrc"), metrics.MidrcMetric)
+    assert metrics.map_metric("midrc").name == "midrc"
+    with pytest.raises(ValueError, match="midrc, balanced"):
+        metrics.map_metric("dice")
+
+
+def test_midrc_log_loss_is_fast_at_1024():
+    import time
+
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 256, (1024, 1024), dtype=np.uint8)
+    codes = rng.integers(0, 4, (1024, 1024), dtype=np.uint8)
+    start = time.perf_counter()
+    for _ in range(5):
+        metrics.midrc_log_loss(values, codes)
+    assert (time.perf_counter() - start) / 5 < 0.1

@@ -14,8 +14,8 @@ from PIL import Image
 
 from pneumomap import report
 from pneumomap.cli import main as cli_main
-from test_metrics import oracle_log_loss
-from test_score import BOXES, PNG_MAGIC, SHAPE, hand_truth, make_pred, make_truth
+from test_metrics import oracle_log_loss, organisers_wll
+from test_score import BOXES, PNG_MAGIC, SHAPE, hand_truth, make_midrc_pred, make_pred, make_truth
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -73,10 +73,13 @@ def folders(tmp_path):
             "truth": make_truth(tmp_path / "truth", BOXES), "out": tmp_path / "report"}
 
 
-def test_report_with_truth_ranks_by_map_log_loss(folders):
-    page = report.write_report(folders["pred"], folders["images"], folders["out"], folders["truth"], n=2)
+@pytest.mark.parametrize("metric", ["midrc", "balanced"])
+def test_report_with_truth_ranks_by_map_log_loss(folders, metric):
+    page = report.write_report(folders["pred"], folders["images"], folders["out"], folders["truth"], n=2,
+                               **({} if metric == "midrc" else {"metric": metric}))  # midrc: the default
     srcs = check_self_contained(page)
-    losses = {pid: oracle_log_loss(folders["maps"][pid] / 255.0, hand_truth(BOXES[pid], "boxes_in_lungs"))
+    oracle = organisers_wll if metric == "midrc" else lambda truth, values: oracle_log_loss(values / 255.0, truth)
+    losses = {pid: oracle(hand_truth(BOXES[pid], "boxes_in_lungs").astype(float), folders["maps"][pid])
               for pid in folders["ids"]}
     order = sorted(losses, key=losses.get, reverse=True)
     assert order[0] == "p1" and order[-1] == "p6"
@@ -112,6 +115,20 @@ def test_missing_image_and_map_become_notes(folders):
     text = page.read_text()
     assert "no radiograph with this id" in text and "no map" in text
     assert len(check_self_contained(page)) == 7
+
+
+def test_report_reads_a_midrc_layout_submission(folders, tmp_path):
+    """OUT/<id>.png + image-level-classifications.csv, the decisions in the work folder: the same page."""
+    probabilities = {pid: float(i) / 10 for i, pid in enumerate(folders["ids"])}
+    work = tmp_path / "run-files"
+    pred = make_midrc_pred(tmp_path / "midrc", probabilities, folders["maps"], work=work)
+    (work / "decisions.csv").write_text((folders["pred"] / "decisions.csv").read_text())
+    page = report.write_report(pred, folders["images"], tmp_path / "r", folders["truth"], n=2, work=work)
+    assert len(check_self_contained(page)) == 6
+    text = page.read_text()
+    assert "regressor" in text and "Worst cases" in text and "midrc" in text
+    rgb = np.asarray(Image.open(tmp_path / "r" / "img" / "p6.png").convert("RGB")).astype(int)
+    assert rgb.shape[:2] == SHAPE and (rgb[..., 0] > rgb[..., 1] + 60).any()  # p6's map was drawn
 
 
 def test_large_images_are_downscaled():

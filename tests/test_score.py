@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from pneumomap import score
 from pneumomap.cli import main as cli_main
-from test_metrics import oracle_image_map, oracle_log_loss
+from test_metrics import oracle_image_map, oracle_log_loss, organisers_wll
 
 SHAPE = (64, 48)  # (H, W)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -122,8 +122,9 @@ def test_classification_agrees_with_sklearn(case):
 @pytest.mark.parametrize("definition", ["boxes", "boxes_in_lungs", "ellipses"])
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (4.0, 0.5)])
 def test_map_metrics_agree_with_loop_oracle(case, definition, weights):
-    result = score.score_submission(case["pred"], case["truth"], truth_def=definition,
+    result = score.score_submission(case["pred"], case["truth"], truth_def=definition, metric="balanced",
                                     pos_weight=weights[0], neg_weight=weights[1])
+    assert result["metric"] == "balanced"
     losses, dices = [], []
     for pid in case["ids"]:
         truth = hand_truth(BOXES[pid], definition)
@@ -231,5 +232,237 @@ def test_help_lists_options(capsys):
         cli_main(["score", "--help"])
     text = capsys.readouterr().out
     for option in ("--pred", "--truth", "--json", "--plots", "--threshold", "--truth-def", "--pos-weight",
-                   "--neg-weight", "--split"):
+                   "--neg-weight", "--split", "--metric", "--box-level", "--work"):
         assert option in text
+
+
+# ----------------------------------------------------------------------------- the organisers' metric, MIDRC layout
+
+def make_midrc_pred(root: Path, probabilities: dict[str, float], maps: dict[str, np.ndarray],
+                    names: dict[str, str] | None = None, threshold: float | None = None, work: Path | None = None,
+                    rsna: dict[str, list] | None = None) -> Path:
+    """A MIDRC-layout submission: OUT/<id>.png, OUT/image-level-classifications.csv; run files in OUT-work."""
+    root.mkdir(parents=True, exist_ok=True)
+    for pid, values in maps.items():
+        Image.fromarray(values).save(root / f"{pid}.png")
+    names = names or {pid: f"{pid}.dcm" for pid in probabilities}
+    (root / "image-level-classifications.csv").write_text(
+        "fileNamePath,score\n" + "".join(f"{names[k]},{v!r}\n" for k, v in probabilities.items()))
+    work = work or root.parent / f"{root.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    if threshold is not None:
+        (work / "run_summary.json").write_text(json.dumps({"threshold": threshold}))
+    if rsna is not None:
+        lines = ["patientId,PredictionString"]
+        lines += [f"{pid},{' '.join(' '.join(map(str, b)) for b in boxes)}" for pid, boxes in rsna.items()]
+        (work / "rsna_submission.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def organisers_scorer(reference_dir: Path, prediction_dir: Path) -> dict:
+    """The organisers' scoring loop (QTIM-Lab/Challenges XAI/app_scoring/program/scoring.py), copied as is but
+    for the description-file check; pandas is not installed here, so their ``pd.merge(ref, pred,
+    on="fileNamePath")`` is the same inner join written with csv and a dict."""
+    import csv
+    import os
+
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    ref_img_list = [i for i in os.listdir(reference_dir) if i.find(".npy") != -1]
+    pred_img_list = [i for i in os.listdir(prediction_dir) if i.find(".png") != -1]
+    ref_img_list.sort()
+    pred_img_list.sort()
+    wll_list = {}
+    for i, (ref_img, pred_img) in enumerate(zip(ref_img_list, pred_img_list)):
+        ref_np = np.load(os.path.join(reference_dir, ref_img))
+        loaded_image_255 = np.array(Image.open(os.path.join(prediction_dir, pred_img)))
+        loaded_image_0_1 = loaded_image_255.astype(np.float32) / 255.0
+        pred_np = loaded_image_0_1
+        assert ref_np.shape == pred_np.shape, f"Shape mismatch: {ref_np.shape} vs {pred_np.shape}"
+        ref_binarized = np.where(ref_np > 0, 1, 0)
+        ref_pmap_to_weights = np.where(ref_np == 0, 1,
+                              np.where((ref_np == 1/3), 15,  # noqa: E128
+                              np.where((ref_np == 2/3), 30,
+                              np.where((ref_np == 1), 45, 1))))
+        wll = log_loss(ref_binarized.flatten(), pred_np.flatten(), sample_weight=ref_pmap_to_weights.flatten(),
+                       labels=[0, 1])
+        wll_list[pred_img] = wll
+
+    def rows(folder):
+        with open(os.path.join(folder, "image-level-classifications.csv"), newline="") as handle:
+            return list(csv.DictReader(handle))
+    predicted = {}
+    for row in rows(prediction_dir):
+        predicted.setdefault(row["fileNamePath"], []).append(float(row["score"]))
+    join = [(float(r["score"]), s) for r in rows(reference_dir) for s in predicted.get(r["fileNamePath"], [])]
+    y_true, y_score = np.array([j[0] for j in join]), np.array([j[1] for j in join])
+    return {"average_wll": np.mean(list(wll_list.values())), "auc_roc": roc_auc_score(y_true, y_score),
+            "wll": wll_list}
+
+
+# ids whose name order differs from their stem order ('-' < '.' < '_'), one float32 reference, two negatives
+REFERENCE_IDS = ("case", "case-1", "case_2", "b10", "b9", "neg", "neg0")
+
+
+@pytest.fixture()
+def organisers_case(tmp_path):
+    from test_metrics import random_prediction, random_reference
+
+    rng = np.random.default_rng(42)
+    refs, maps, probabilities = {}, {}, {}
+    for k, pid in enumerate(REFERENCE_IDS):
+        shape = (int(rng.integers(24, 60)), int(rng.integers(24, 60)))  # each image its own size
+        refs[pid] = random_reference(rng, shape, positive=not pid.startswith("neg"))
+        maps[pid] = random_prediction(rng, shape)
+        probabilities[pid] = float(np.round(rng.random(), 3))
+    refs["b9"] = refs["b9"].astype(np.float32)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    for pid, ref in refs.items():
+        np.save(ref_dir / f"{pid}.npy", ref)
+    (ref_dir / "image-level-classifications.csv").write_text(
+        "fileNamePath,score\n" + "".join(f"{pid}.dcm,{int((ref > 0).any())}\n" for pid, ref in refs.items()))
+    pred = make_midrc_pred(tmp_path / "out", probabilities, maps, threshold=0.5)
+    return {"ref": ref_dir, "pred": pred, "refs": refs, "maps": maps, "probabilities": probabilities}
+
+
+def test_score_reproduces_the_organisers_scorer_end_to_end(organisers_case, tmp_path, capsys):
+    expected = organisers_scorer(organisers_case["ref"], organisers_case["pred"])
+    result = score.score_submission(organisers_case["pred"], organisers_case["ref"])
+    assert result["metric"] == "midrc" and result["layout"] == "midrc" and result["truth_source"] == "reference_maps"
+    assert abs(result["map_log_loss"] - expected["average_wll"]) <= 1e-9
+    per_image = {f"{r['image_id']}.png": r["map_log_loss"] for r in result["per_image"]}
+    assert per_image.keys() == expected["wll"].keys()
+    for name, value in expected["wll"].items():
+        assert abs(per_image[name] - value) <= 1e-9, name
+    assert result["auc"] == pytest.approx(expected["auc_roc"], abs=1e-12)
+    assert result["warnings"] == []
+    # the command line and its JSON say the same
+    out_json = tmp_path / "score.json"
+    status = cli_main(["score", "--pred", str(organisers_case["pred"]), "--truth", str(organisers_case["ref"]),
+                       "--json", str(out_json)])
+    assert status == 0 and "midrc" in capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data["metric"] == "midrc" and abs(data["map_log_loss"] - expected["average_wll"]) <= 1e-9
+    assert data["truth_def"] == "reference_maps" and data["box_level"] is None
+
+
+def test_reference_pngs_score_as_the_npy_references(organisers_case, tmp_path):
+    png_dir = tmp_path / "ref_png"
+    png_dir.mkdir()
+    for pid, ref in organisers_case["refs"].items():
+        Image.fromarray(np.rint(ref.astype(np.float64) * 255).astype(np.uint8)).save(png_dir / f"{pid}.png")
+    (png_dir / "image-level-classifications.csv").write_text(
+        (organisers_case["ref"] / "image-level-classifications.csv").read_text())
+    from_npy = score.score_submission(organisers_case["pred"], organisers_case["ref"])
+    from_png = score.score_submission(organisers_case["pred"], png_dir)
+    assert from_png["map_log_loss"] == from_npy["map_log_loss"] and from_png["auc"] == from_npy["auc"]
+
+
+def test_stray_png_in_a_midrc_submission_is_reported(organisers_case, capsys):
+    pred = organisers_case["pred"]
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(pred / "a_stray.png")  # sorts before every id
+    with pytest.raises(score.SubmissionError, match=r"1 PNG\(s\) of no truth image: a_stray\.png.*"
+                                                    r"would score a_stray\.png against the reference of b10 "):
+        score.score_submission(pred, organisers_case["ref"])
+    status = cli_main(["score", "--pred", str(pred), "--truth", str(organisers_case["ref"])])
+    err = capsys.readouterr().err
+    assert status == 1 and "a_stray.png" in err and "misalign every later image" in err and "sorted" in err
+
+
+def test_missing_png_in_a_midrc_submission_is_reported(organisers_case):
+    (organisers_case["pred"] / "case-1.png").unlink()
+    with pytest.raises(score.SubmissionError, match=r"1 truth image\(s\) without a PNG: case-1\.png"):
+        score.score_submission(organisers_case["pred"], organisers_case["ref"])
+
+
+def test_reference_of_the_wrong_shape_names_the_file(organisers_case):
+    np.save(organisers_case["ref"] / "b9.npy", np.zeros((7, 7)))
+    with pytest.raises(score.SubmissionError, match=r"b9: map shape .* != reference shape \(7, 7\) .*b9\.npy"):
+        score.score_submission(organisers_case["pred"], organisers_case["ref"])
+
+
+def test_file_names_the_organisers_would_not_join_are_warned(organisers_case, capsys):
+    csv_path = organisers_case["ref"] / "image-level-classifications.csv"
+    csv_path.write_text(csv_path.read_text().replace("case.dcm", "case.png"))
+    result = score.score_submission(organisers_case["pred"], organisers_case["ref"])
+    assert len(result["warnings"]) == 1 and "'case.dcm' vs 'case.png'" in result["warnings"][0]
+    assert cli_main(["score", "--pred", str(organisers_case["pred"]), "--truth", str(organisers_case["ref"])]) == 0
+    assert "warning: 1 fileNamePath(s)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- RSNA truth with the midrc metric
+
+@pytest.mark.parametrize("level, value", [("1/3", 1 / 3), ("2/3", 2 / 3), ("1", 1.0)])
+def test_box_level_is_the_reference_level_of_the_rsna_region(case, level, value):
+    result = score.score_submission(case["pred"], case["truth"], box_level=level)
+    expected = [organisers_wll(hand_truth(BOXES[pid], "boxes_in_lungs") * value, case["maps"][pid])
+                for pid in case["ids"]]
+    assert [r["map_log_loss"] for r in result["per_image"]] == pytest.approx(expected, rel=1e-12)
+    assert result["box_level"] == value and result["box_level_name"] == level
+
+
+def test_box_level_on_the_command_line(case, tmp_path):
+    values = {}
+    for level in ("1/3", "2/3", "0.667", "1"):
+        out_json = tmp_path / f"{level.replace('/', '_')}.json"
+        assert cli_main(["score", "--pred", str(case["pred"]), "--truth", str(case["truth"]),
+                         "--box-level", level, "--json", str(out_json)]) == 0
+        data = json.loads(out_json.read_text())
+        assert data["metric"] == "midrc" and data["truth_def"] == "boxes_in_lungs"
+        values[level] = (data["box_level"], data["map_log_loss"], data["map_log_loss_negative"])
+    assert values["0.667"] == values["2/3"]
+    assert values["1/3"][0] == pytest.approx(1 / 3) and values["1"][0] == 1.0
+    losses = [values[k][1] for k in ("1/3", "2/3", "1")]
+    assert losses[0] != losses[1] != losses[2]  # the weight of the opacity pixels changes the loss
+    assert values["1/3"][2] == values["1"][2]  # images without opacity do not depend on the level
+    with pytest.raises(SystemExit):
+        cli_main(["score", "--pred", str(case["pred"]), "--truth", str(case["truth"]), "--box-level", "0.5"])
+
+
+def test_both_layouts_score_alike(case, tmp_path):
+    maps = {pid: case["maps"][pid] for pid in case["ids"]}
+    work = tmp_path / "elsewhere"
+    midrc = make_midrc_pred(tmp_path / "midrc", {**case["probabilities"]}, maps, threshold=0.4, work=work,
+                            rsna=case["rsna"])
+    (midrc / "notes.txt").write_text("not a map")
+    ours = score.score_submission(case["pred"], case["truth"])
+    theirs = score.score_submission(midrc, case["truth"], work=work)
+    assert ours["layout"] == "pneumomap" and theirs["layout"] == "midrc"
+    for key in ("map_log_loss", "map_log_loss_positive", "dice", "auc", "rsna_map", "threshold", "f1",
+                "confusion_matrix", "n_images"):
+        assert ours[key] == theirs[key], key
+    assert theirs["threshold_source"] == "run_summary.json"
+    # without --work the run files are looked for in <out>-work, absent here: the default threshold, no mAP
+    default = score.score_submission(midrc, case["truth"])
+    assert default["threshold_source"] == "default" and "rsna_map" not in default
+
+
+def test_midrc_layout_with_a_split_needs_only_the_chosen_maps(tmp_path):
+    split = {"a": "val", "b": "test", "c": "test", "d": "val"}
+    boxes = {"a": [(5, 10, 8, 8)], "b": [(5, 10, 8, 8)], "c": [], "d": []}
+    truth = make_truth(tmp_path / "t", boxes, split)
+    maps = {pid: np.full(SHAPE, 40, np.uint8) for pid in ("b", "c", "z")}  # z: no truth image; a, d: not chosen
+    pred = make_midrc_pred(tmp_path / "out", {"a": 0.7, "b": 0.9, "c": 0.2, "d": 0.1, "z": 0.5}, maps)
+    result = score.score_submission(pred, truth, split="test")
+    assert result["n_images"] == 2 and result["auc"] == 1.0 and result["n_maps"] == 2
+    with pytest.raises(score.SubmissionError, match=r"z\.png.*without a PNG: a\.png, d\.png"):  # all ids: pairing
+        score.score_submission(pred, truth)
+    (pred / "c.png").unlink()
+    with pytest.raises(score.SubmissionError, match=r"has no prediction for 1 truth id\(s\): c"):
+        score.score_submission(pred, truth, split="test")
+
+
+def test_metric_option_and_options_that_do_not_apply(case, organisers_case, tmp_path, capsys):
+    out_json = tmp_path / "balanced.json"
+    assert cli_main(["score", "--pred", str(case["pred"]), "--truth", str(case["truth"]), "--metric", "balanced",
+                     "--pos-weight", "4", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    expected = score.score_submission(case["pred"], case["truth"], metric="balanced", pos_weight=4.0)
+    assert data["metric"] == "balanced" and data["map_log_loss"] == pytest.approx(expected["map_log_loss"], rel=1e-15)
+    assert "warning" not in capsys.readouterr().err
+    assert cli_main(["score", "--pred", str(case["pred"]), "--truth", str(case["truth"]), "--pos-weight", "4"]) == 0
+    assert "--pos-weight applies to --metric balanced only" in capsys.readouterr().err
+    assert cli_main(["score", "--pred", str(organisers_case["pred"]), "--truth", str(organisers_case["ref"]),
+                     "--box-level", "1/3"]) == 0
+    assert "--box-level applies to RSNA truth folders only" in capsys.readouterr().err
