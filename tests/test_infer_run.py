@@ -208,6 +208,21 @@ def test_thresholds_a_then_b_then_a_again_gives_a_files(tiny, tmp_path, monkeypa
     assert _files(out) == _files(fresh)
 
 
+def test_the_gate_decides_on_the_number_the_csv_shows(tiny, tmp_path):
+    """Thresholds at the CSV's own (6-decimal) values: every gate decision equals `csv value >= threshold`."""
+    probe = tmp_path / "probe"
+    runner.run(tiny["pipeline"], tiny["images"], probe, RunOptions(**FAST))
+    shown = sorted({float(r["probability"]) for r in _rows(probe / "decisions.csv") if r["gate"]})
+    for threshold in shown[1:4]:
+        for delta in (0.0, 4e-7, -4e-7):  # within the rounding of the printed value
+            pipeline = tiny["pipeline"].with_thresholds({**tiny["pipeline"].thresholds, "classifier": threshold + delta})
+            out = tmp_path / f"out-{threshold}-{delta}"
+            runner.run(pipeline, tiny["images"], out, RunOptions(**FAST, artifacts=False))
+            for row in _rows(out / "decisions.csv"):
+                if row["gate"]:
+                    assert row["gate"] == ("1" if float(row["probability"]) >= threshold + delta else "0"), row
+
+
 def test_ungated_outputs_let_the_tuner_move_the_gate(tiny, tmp_path):
     closed = tiny["pipeline"].with_thresholds({**tiny["pipeline"].thresholds, "classifier": 1.0})
     out = tmp_path / "out"

@@ -90,10 +90,14 @@ def quantize(value: Any) -> np.ndarray:
     return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
 
 
+SCALAR_DECIMALS = 6  # every CSV writes scores with 6 decimals (`writers.format_value`)
+
+
 def dequantize(array: np.ndarray) -> Any:
-    """The value the pipeline continues with: float32 map in [0, 1] or a float."""
+    """The value the pipeline continues with: float32 map in [0, 1], or a float rounded to the
+    decimals the CSVs write, so that the gate decides on the very number the CSVs show."""
     if array.ndim == 0:
-        return float(array)
+        return round(float(array), SCALAR_DECIMALS)
     return array.astype(np.float32) / np.float32(255.0)
 
 

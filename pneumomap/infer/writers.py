@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pneumomap.infer.artifacts import SCALAR_DECIMALS
 from pneumomap.infer.spec import DECISION_COLUMNS
 
 FALLBACK_SIZE = (1024, 1024)
@@ -44,7 +45,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "1" if value else "0"
     if isinstance(value, (float, np.floating, int, np.integer)):
-        return f"{float(value):.6f}"
+        return f"{float(value):.{SCALAR_DECIMALS}f}"
     return str(value)
 
 
@@ -83,12 +84,12 @@ def make_record(image_id: str, path: str, probability: float, decisions: dict[st
                 rsna: dict[str, Any] | None) -> Record:
     """The record of one processed image (``decisions``: column -> raw value)."""
     boxes = prediction_string(boxes_from_map(map8, rsna["threshold"], rsna["min_area"])) if rsna else ""
-    return Record(image_id, str(path), f"{float(probability):.6f}",
+    return Record(image_id, str(path), format_value(float(probability)),
                   {c: format_value(decisions.get(c)) for c in DECISION_COLUMNS}, boxes)
 
 
 def failure_record(image_id: str, path: str, reason: str) -> Record:
-    return Record(image_id, str(path), f"{0.0:.6f}", {c: "" for c in DECISION_COLUMNS}, "", reason)
+    return Record(image_id, str(path), format_value(0.0), {c: "" for c in DECISION_COLUMNS}, "", reason)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
