@@ -99,6 +99,39 @@ def test_retune_runs_no_network_and_adds_no_artifact(tuned, monkeypatch, tmp_pat
     assert "checkpoint: ../../" in text
 
 
+def test_reference_maps_tune_like_the_same_truth_as_rsna_boxes(tuned, monkeypatch, tmp_path):
+    """The organisers' kind of truth (.npy levels + image-level-classifications.csv, images from --images)
+    gives the very metric of the same opacity as RSNA boxes at level 1; other levels weigh misses less."""
+    from pneumomap.stages.reader import read_image
+    from pneumomap.truth import RsnaTruth
+
+    _no_network(monkeypatch)
+    dataset = load_rsna(tuned["root"] / "rsna")
+    truth, ref = RsnaTruth(dataset), tmp_path / "ref"
+    ref.mkdir()
+    rows = ["fileNamePath,score"]
+    for pid in dataset.ids:
+        height, width = read_image(dataset.image_path(pid)).pixels.shape
+        np.save(ref / f"{pid}.npy", truth.mask(pid, (height, width)).astype(np.float64))
+        rows.append(f"{pid}.dcm,{dataset.target[pid]}")
+    (ref / "image-level-classifications.csv").write_text("\n".join(rows) + "\n")
+    common = dict(work=tuned["work"], **FAST)
+    by_boxes = tune.tune(tuned["pipeline"], tuned["root"] / "rsna", tmp_path / "a.yaml", **common)
+    by_maps = tune.tune(tuned["pipeline"], ref, tmp_path / "b.yaml", images=tuned["root"] / "rsna" / "stage_2_train_images",
+                        **common)
+    for key in ("metric_before", "metric_after"):
+        assert by_maps[key] == pytest.approx(by_boxes[key], rel=1e-12), key
+    assert by_maps["thresholds_after"] == by_boxes["thresholds_after"]
+    third = tune.tune(tuned["pipeline"], tuned["root"] / "rsna", tmp_path / "c.yaml", box_level=1 / 3, **common)
+    assert third["metric_before"] < by_boxes["metric_before"]  # weight 15 instead of 45 on the same misses
+    balanced = tune.tune(tuned["pipeline"], tuned["root"] / "rsna", tmp_path / "d.yaml", metric="balanced", **common)
+    assert balanced["metric_before"] == pytest.approx(
+        score.score_submission(tuned["work"], tuned["root"] / "rsna", metric="balanced")["map_log_loss"], rel=1e-12)
+    for result in (by_boxes, by_maps, third, balanced):
+        clip = result["thresholds_after"]["clip"]
+        assert 1 <= clip["outside"] <= 254 and 1 <= clip["low"] <= clip["high"] <= 254
+
+
 def test_plots_and_json(tuned):
     result = tuned["result"]
     names = set(result["searched"]) | {"classifier"}
@@ -117,7 +150,7 @@ def test_memoised_maps_equal_postprocess(tuned):
     pipeline = spec.load(tuned["pipeline"])
     dataset = load_rsna(tuned["root"] / "rsna")
     stored = runner.load_outputs(pipeline, tuned["work"], [dataset.image_path(pid) for pid in dataset.ids])
-    evaluator = tune.Evaluator(stored, lambda i: None, budget=1)  # tiny budget: recomputation works too
+    evaluator = tune.Evaluator(stored, lambda i: None, metrics.map_metric("midrc"), budget=1)  # tiny budget: recomputation works too
     variants = [pipeline.thresholds, tuned["result"]["thresholds_after"],
                 {**tuned["result"]["thresholds_after"], "classifier": 0.0, "level": 0.0}]
     for thresholds in variants * 2:

@@ -1,6 +1,11 @@
 """Tune a pipeline's thresholds on validation data, over stored model outputs only.
 
     pneumomap tune --pipeline pipeline.yaml --val RSNA_DIR --out tuned/pipeline.yaml [--target-tnr 0.99]
+    pneumomap tune --pipeline pipeline.yaml --val REFERENCE_DIR --images DICOM_DIR --out tuned/pipeline.yaml
+
+The truth is what `pneumomap score` reads (`pneumomap.truth`): an RSNA-format folder (boxes, as one
+reference level ``--box-level``) or a folder of the organisers' reference maps with their
+image-level-classifications.csv (the images then come from ``--images``).
 
 1. Runs the networks once over the validation images (``--split`` of the RSNA folder) into ``--work``
    (default: ``tune-work/`` beside the output), every gated node computed for every image
@@ -12,9 +17,10 @@
    helps): the extent thresholds, the over-estimation level threshold, dilate and raise for the low
    and high levels, and the clip values (low, high, outside). Each step keeps the current value
    unless a candidate lowers the metric, so the result is never worse than the start.
-   The metric is the mean map log loss exactly as `pneumomap score` reports it: the final 8-bit map
-   at the original image size (the op chain of the pipeline itself) against `score.truth_mask`, through
-   `metrics.map_log_loss` (class-balanced by default). Every op's output is memoised per image by what
+   The metric is the mean map log loss exactly as `pneumomap score` reports it (``--metric``: the
+   organisers' weighted log loss by default, `metrics.map_metric`): the final 8-bit map at the original
+   image size (the op chain of the pipeline itself) against the truth's reference codes. Clip values
+   stay in [1, 254] (`ops.MAP8_RANGE`): no map ever holds 0 or 255. Every op's output is memoised per image by what
    it depends on (its parameters and its inputs' values/keys), so a step re-computes only the images and
    ops it changes.
 4. Writes the tuned YAML: the input file byte for byte except its ``thresholds:`` block
@@ -36,7 +42,6 @@ import csv
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from collections import OrderedDict
@@ -48,6 +53,7 @@ import numpy as np
 
 from pneumomap import metrics
 from pneumomap.fileio import atomic_write_text
+from pneumomap.infer.ops import MAP8_RANGE
 from pneumomap.infer import runner, spec
 from pneumomap.infer.runner import MISSING, evaluate_op
 from pneumomap.infer.spec import IMAGE, Pipeline
@@ -89,9 +95,10 @@ AXES: tuple[Axis, ...] = (
     Axis(("overestimate", "high", "dilate"), _DILATE, True),
     Axis(("overestimate", "high", "raise"), _RAISE),
     Axis(("clip", "low"), (1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 64, 90, 128), True),
-    Axis(("clip", "high"), (128, 160, 192, 215, 230, 240, 245, 250, 254, 255), True),
-    Axis(("clip", "outside"), (0, 1, 2, 3, 5, 10, 20), True),
+    Axis(("clip", "high"), (128, 160, 192, 215, 230, 240, 245, 250, 252, 254), True),
+    Axis(("clip", "outside"), (1, 2, 3, 5, 10, 20), True),
 )
+assert all(MAP8_RANGE[0] <= v <= MAP8_RANGE[1] for a in AXES if a.path[0] == "clip" for v in a.grid)
 CLASSIFIER = ("classifier",)
 
 
@@ -176,16 +183,17 @@ class Evaluator:
     are computed eagerly, maps only when the loss of their final map's key is not known yet.
     """
 
-    def __init__(self, stored: list[dict], truth: Callable[[int], np.ndarray], weights: tuple[float, float] = (1.0, 1.0),
+    def __init__(self, stored: list[dict], truth: Callable[[int], np.ndarray], metric: metrics.MapMetric,
                  budget: int = DEFAULT_BUDGET):
-        self.stored, self.truth_of, self.weights = stored, truth, weights
+        """``truth(i)``: the reference codes of image ``i`` (`metrics.reference_codes`)."""
+        self.stored, self.truth_of, self.map_metric = stored, truth, metric
         self.scalars: list[dict] = [{} for _ in stored]
         self.arrays = _LRU(budget)
         self.truths: dict[int, np.ndarray] = {}
         self.evaluations = 0
 
     def metric(self, pipeline: Pipeline) -> float:
-        """Mean map log loss over the images (as `pneumomap score` computes it)."""
+        """The mean map metric over the images (as `pneumomap score` computes it)."""
         self.evaluations += 1
         params = _params_keys(pipeline)
         return float(np.mean([self.loss(pipeline, i, params) for i in range(len(self.stored))]))
@@ -198,7 +206,7 @@ class Evaluator:
         if loss_key not in memo:
             if i not in self.truths:
                 self.truths[i] = self.truth_of(i)
-            memo[loss_key] = metrics.map_log_loss(self.value(pipeline, i, keys, name), self.truths[i], *self.weights)
+            memo[loss_key] = self.map_metric.loss(self.value(pipeline, i, keys, name), self.truths[i])
         return memo[loss_key]
 
     def final_map(self, pipeline: Pipeline, i: int) -> np.ndarray:
@@ -370,8 +378,8 @@ def _header(result: dict) -> list[str]:
         f"classifier: at {result['target_tnr']:.4g} true-negative rate on {result['n_negatives']} validation negatives;",
         f"searched (coordinate descent over grids): {names}.",
         f"data: {result['val_dir']}, split {result['split'] or 'all'}, {result['n_images']} images; "
-        f"truth {result['truth_def']}, weights pos {result['weights'][0]:g} / neg {result['weights'][1]:g}.",
-        f"mean map log loss: {result['metric_before']:.5f} before (untuned thresholds) -> "
+        f"truth: {result['truth']}.",
+        f"{result['metric_name']}: {result['metric_before']:.5f} before (untuned thresholds) -> "
         f"{result['metric_after']:.5f} after (at the TNR classifier, before the search: {result['metric_start']:.5f}).",
         f"source: {result['pipeline']}; details: {Path(result['json']).name}",
     ]
@@ -394,7 +402,7 @@ def write_plots(result: dict, plots_dir: Path) -> list[Path]:
         before, after = result["parameters_before"][name], result["parameters_after"][name]
         ax.axvline(before, ls=":", c="grey", label=f"before {before:.4g}")
         ax.axvline(after, ls="--", c="red", label=f"after {after:.4g}")
-        ax.set(xlabel=name, ylabel="mean map log loss", title=f"map log loss vs {name}")
+        ax.set(xlabel=name, ylabel=result["metric_name"], title=f"{result['metric']} map metric vs {name}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         _save_figure(fig, path)
@@ -411,37 +419,39 @@ def _flat(thresholds: dict, paths: Sequence[Sequence[str]]) -> dict[str, Any]:
 
 def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *, target_tnr: float = 0.99,
          split: str | None = "val", work: str | Path | None = None, plots: str | Path | None = None,
-         device: str = "auto", truth_def: str = "boxes_in_lungs", pos_weight: float = 1.0, neg_weight: float = 1.0,
+         device: str = "auto", metric: str = "midrc", truth_def: str = "boxes_in_lungs", box_level: float = 1.0,
+         pos_weight: float = 1.0, neg_weight: float = 1.0, images: str | Path | None = None,
          rounds: int = 3, batch_size: int = 8, workers: int | None = None, precision: str = "auto",
          progress: bool = True) -> dict:
-    """Tune ``pipeline_path`` on ``val_dir`` (RSNA folder, ``split``; None = every image) into ``out_path``.
+    """Tune ``pipeline_path`` on the truth ``val_dir`` (`truth.load_truth`: an RSNA folder, ``split``
+    of it, None = every image; or reference maps, whose radiographs are in ``images``) into ``out_path``.
 
     Returns what ``<out stem>.tune.json`` holds: metric_before/start/after, thresholds_before/after,
     n_images, curves, the paths written, seconds.
     """
-    from pneumomap import score
-    from pneumomap.labels import load_rsna
+    from pneumomap.truth import load_truth
 
     started = time.perf_counter()
     pipeline_path, out_path = Path(pipeline_path), Path(out_path)
     work = Path(work) if work else out_path.parent / "tune-work"
     plots = Path(plots) if plots else out_path.parent / f"{out_path.stem}-tune-plots"
     pipeline = spec.load(pipeline_path)
-    dataset = load_rsna(val_dir)
-    ids = score.select_ids(dataset, split)
+    map_metric = metrics.map_metric(metric, pos_weight, neg_weight)
+    truth_source = load_truth(val_dir, split=split, truth_def=truth_def, box_level=box_level)
+    paths = _image_paths(truth_source, images)
     options = runner.RunOptions(device=device, batch_size=batch_size, workers=workers, precision=precision,
                                 ungated=True, progress=progress)
-    stored, ran = stored_outputs(pipeline, [dataset.image_path(pid) for pid in ids], work, options)
+    stored, ran = stored_outputs(pipeline, paths, work, options)
     if not stored:
-        raise TuneError(f"{val_dir}: no readable image in split {split!r}")
+        raise TuneError(f"{val_dir}: no readable image" + (f" in split {split!r}" if split else ""))
     run_seconds = time.perf_counter() - started
 
     def truth(i: int) -> np.ndarray:
         size = stored[i][IMAGE]
-        return score.truth_mask(dataset, stored[i]["image_id"], (size.height, size.width), truth_def)
+        return truth_source.codes(stored[i]["image_id"], (size.height, size.width))
 
-    evaluator = Evaluator(stored, truth, (pos_weight, neg_weight))
-    negatives = [not dataset.target.get(s["image_id"], 0) for s in stored]
+    evaluator = Evaluator(stored, truth, map_metric)
+    negatives = [not truth_source.label(s["image_id"]) for s in stored]
     before = copy.deepcopy(pipeline.thresholds)
     start = copy.deepcopy(before)
     if has_path(before, CLASSIFIER):
@@ -461,11 +471,12 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
         "thresholds_before": before, "thresholds_after": after,
         "parameters_before": _flat(before, paths), "parameters_after": _flat(after, paths),
         "searched": [a.name for a in axes], "n_images": len(stored), "n_negatives": int(sum(negatives)),
-        "n_failed": len(ids) - len(stored), "target_tnr": target_tnr, "split": split,
+        "n_failed": len(paths) - len(stored), "target_tnr": target_tnr, "split": split,
         "val_dir": str(Path(val_dir).resolve()), "pipeline": str(pipeline_path.resolve()),
         "out": str(out_path.resolve()), "json": str(out_path.with_suffix(".tune.json").resolve()),
         "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
-        "truth_def": truth_def, "weights": [pos_weight, neg_weight], "rounds": rounds,
+        "metric": map_metric.name, "metric_name": _metric_name(map_metric), "truth": str(truth_source),
+        "rounds": rounds,
         "evaluations": evaluator.evaluations,
         "curves": {k: {"values": c.values, "metrics": c.metrics} for k, c in curves.items()},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -477,14 +488,36 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     return result
 
 
+def _image_paths(truth: Any, images: str | Path | None) -> list[Path]:
+    """The radiographs of the truth's ids: the truth's own (RSNA) or those of ``images`` by file stem."""
+    if images is None:
+        paths = [truth.image_path(pid) for pid in truth.ids]
+        if any(p is None for p in paths):
+            raise TuneError(f"{truth}: the truth does not hold the radiographs; name their folder with --images")
+        return paths
+    from pneumomap.stages.reader import list_images
+
+    found = {p.stem: p for p in list_images(images)}
+    missing = [pid for pid in truth.ids if pid not in found]
+    if missing:
+        raise TuneError(f"--images {images}: no radiograph for {len(missing)} truth id(s): {', '.join(missing[:5])}")
+    return [found[pid] for pid in truth.ids]
+
+
+def _metric_name(map_metric: metrics.MapMetric) -> str:
+    return {"midrc": "MIDRC weighted log loss"}.get(map_metric.name, f"{map_metric.name} map log loss")
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pneumomap.score import DEFAULT_TRUTH_DEF, TRUTH_DEFS
+    from pneumomap.score import add_metric_arguments
 
     parser.add_argument("--pipeline", required=True, type=Path, help="the pipeline.yaml to tune")
-    parser.add_argument("--val", required=True, type=Path, help="RSNA-format folder with the validation images and labels")
+    parser.add_argument("--val", required=True, type=Path, help="the truth: an RSNA-format folder (images, labels, "
+                        "lung masks) or a folder of reference maps <name>.npy|png with image-level-classifications.csv")
+    parser.add_argument("--images", type=Path, help="the radiographs of a reference-map truth (matched by file stem)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the tuned pipeline YAML")
     parser.add_argument("--target-tnr", type=float, default=0.99,
                         help="true-negative rate of the classifier gate on the validation negatives (default 0.99)")
@@ -492,10 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, help="folder of the stored model outputs (default: tune-work/ beside --out)")
     parser.add_argument("--plots", type=Path, help="folder of the metric-vs-parameter plots (default: beside --out)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (for the one network run)")
-    parser.add_argument("--truth-def", choices=TRUTH_DEFS, default=DEFAULT_TRUTH_DEF,
-                        help=f"opacity ground truth for the map metric (default {DEFAULT_TRUTH_DEF}, as score)")
-    parser.add_argument("--pos-weight", type=float, default=1.0, help="weight of the opacity-pixel term (as score)")
-    parser.add_argument("--neg-weight", type=float, default=1.0, help="weight of the clear-pixel term (as score)")
+    add_metric_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: as infer)")
@@ -508,15 +538,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = tune(args.pipeline, args.val, args.out, target_tnr=args.target_tnr,
                       split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
-                      device=args.device, truth_def=args.truth_def, pos_weight=args.pos_weight,
-                      neg_weight=args.neg_weight, rounds=args.rounds, batch_size=args.batch_size,
+                      device=args.device, metric=args.metric, truth_def=args.truth_def, box_level=args.box_level,
+                      pos_weight=args.pos_weight, neg_weight=args.neg_weight, images=args.images,
+                      rounds=args.rounds, batch_size=args.batch_size,
                       workers=args.workers, precision=args.precision)
     except (TuneError, runner.RunError, ValueError, OSError) as error:  # PipelineError, SubmissionError are ValueErrors
         print(f"pneumomap tune: error: {error}", file=sys.stderr)
         return 1
     print(f"tuned on {result['n_images']} images ({'networks ran' if result['ran_networks'] else 'stored outputs'}, "
           f"{result['evaluations']} evaluations, {result['seconds']['total']:.1f} s)")
-    print(f"mean map log loss: {result['metric_before']:.5f} before -> {result['metric_after']:.5f} after")
+    print(f"{result['metric_name']}: {result['metric_before']:.5f} before -> {result['metric_after']:.5f} after")
     for name, value in result["parameters_after"].items():
         old = result["parameters_before"][name]
         print(f"  {name:<28} {old!s:>12} -> {value}")
