@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pneumomap.train.cli", "train one stage from an RSNA-format folder with its recipe"),
     "infer": ("pneumomap.infer.cli", "run pipeline.yaml over a test set into submission files"),
     "graph": ("pneumomap.infer.graph", "print the pipeline DAG as a Mermaid diagram"),
-    "score": ("pneumomap.score", "score a submission folder against RSNA-format truth"),
+    "score": ("pneumomap.score", "score a submission folder (either layout) by the MIDRC metric against RSNA or reference-map truth"),
     "tune": ("pneumomap.infer.tune", "tune pipeline thresholds on validation data over stored model outputs"),
     "report": ("pneumomap.report", "write an offline HTML report of map overlays"),
     "package": ("pneumomap.package", "package a pipeline as the MIDRC XAI uploads: Docker image zip and program zip"),

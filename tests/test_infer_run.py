@@ -113,6 +113,8 @@ def test_midrc_layout_is_exactly_what_the_organisers_read(tiny, tmp_path):
     assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--quiet") == 2
     assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--quiet",
                       "--description", tmp_path / "about.md") == 2
+    assert _infer_cli("--pipeline", tiny["path"], "--input", tiny["images"], "--out", out, "--quiet",
+                      "--description", description, "--work", out) == 2
 
 
 def test_formats_and_failure_isolation(tiny, tmp_path):

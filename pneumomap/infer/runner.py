@@ -565,6 +565,9 @@ def check_output(layout: submission.Layout, items: list[Item], description: Path
         except OSError as exc:
             raise RunError(f"{flag} {folder}: cannot write there: {exc.strerror or exc}") from None
     stray = layout.stray_files(i.image_id for i in items)
+    if layout.name == "midrc" and layout.work.resolve() == layout.out.resolve():
+        raise RunError(f"--work {layout.work}: the midrc layout keeps the run's own files out of --out (the "
+                       "scorer's folder holds the maps, the CSV and the description only); name another folder")
     if layout.name == "midrc":
         keep = description.name if description is not None else None
         stray += [p for p in submission.description_files(layout.out) if p.name != keep]
