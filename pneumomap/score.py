@@ -30,7 +30,6 @@ per truth image: the organisers' scorer pairs them with its reference maps by so
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
@@ -43,7 +42,7 @@ import numpy as np
 
 from pneumomap import metrics
 from pneumomap.fileio import atomic_write_bytes, atomic_write_text
-from pneumomap.submission import MIDRC_CSV, PNEUMOMAP_CSV, Submission, SubmissionError, read_submission
+from pneumomap.submission import MIDRC_CSV, PNEUMOMAP_CSV, Submission, SubmissionError, read_csv, read_submission
 from pneumomap.truth import (DEFAULT_BOX_LEVEL, DEFAULT_TRUTH_DEF, TRUTH_DEFS, RsnaTruth, Truth, box_array,
                              load_truth, parse_box_level, select_ids, truth_mask)
 
@@ -55,27 +54,6 @@ DEFAULT_METRIC = metrics.DEFAULT_MAP_METRIC
 
 
 # ----------------------------------------------------------------------------- reading a submission
-
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SubmissionError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return list(reader)
-
-
-def read_predictions(path: str | Path) -> dict[str, float]:
-    """``image_id -> probability`` from a pneumomap-layout predictions.csv."""
-    path = Path(path)
-    out: dict[str, float] = {}
-    for line, row in enumerate(_read_csv(path, ("image_id", "probability")), start=2):
-        try:
-            out[row["image_id"]] = float(row["probability"])
-        except (TypeError, ValueError):
-            raise SubmissionError(f"{path}:{line}: probability {row['probability']!r} is not a number") from None
-    return out
-
 
 def parse_prediction_string(text: str) -> tuple[np.ndarray, np.ndarray]:
     """``'conf x y w h conf x y w h ...'`` -> (confidences (n,), boxes (n, 4))."""
@@ -90,7 +68,7 @@ def read_rsna_submission(path: str | Path) -> dict[str, tuple[np.ndarray, np.nda
     """``patientId -> (confidences, boxes)`` from an RSNA Kaggle submission CSV."""
     path = Path(path)
     out = {}
-    for line, row in enumerate(_read_csv(path, ("patientId", "PredictionString")), start=2):
+    for line, row in enumerate(read_csv(path, ("patientId", "PredictionString")), start=2):
         try:
             out[row["patientId"]] = parse_prediction_string(row["PredictionString"] or "")
         except ValueError as error:
@@ -104,7 +82,7 @@ def read_decisions(pred_dir: str | Path | Submission, work: str | Path | None = 
     path = sub.work_file("decisions.csv")
     if path is None:
         return {}
-    return {row["image_id"]: row for row in _read_csv(path, ("image_id",))}
+    return {row["image_id"]: row for row in read_csv(path, ("image_id",))}
 
 
 def read_map(path: str | Path) -> np.ndarray:

@@ -200,7 +200,8 @@ class Submission:
         return None if value is None else float(value)
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+def read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV file that must have the ``required`` columns (SubmissionError naming it otherwise)."""
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
@@ -228,14 +229,14 @@ def read_submission(folder: str | Path, work: str | Path | None = None) -> Submi
         layout: Layout = MidrcLayout(folder, work)
         path = folder / MIDRC_CSV
         probabilities, names = {}, {}
-        for line, row in enumerate(_read_csv(path, MIDRC_HEADER), start=2):
+        for line, row in enumerate(read_csv(path, MIDRC_HEADER), start=2):
             image_id = Path(row["fileNamePath"]).stem
             probabilities[image_id] = _number(path, line, row["score"])
             names[image_id] = row["fileNamePath"]
         return Submission(folder, layout, probabilities, names)
     if (folder / PNEUMOMAP_CSV).is_file():
         path = folder / PNEUMOMAP_CSV
-        rows = _read_csv(path, ("image_id", "probability"))
+        rows = read_csv(path, ("image_id", "probability"))
         probabilities = {r["image_id"]: _number(path, line, r["probability"]) for line, r in enumerate(rows, start=2)}
         return Submission(folder, PneumomapLayout(folder, work), probabilities)
     raise SubmissionError(f"{folder}: neither {MIDRC_CSV} (the MIDRC layout) nor {PNEUMOMAP_CSV} (pneumomap's) "

@@ -429,7 +429,7 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     Returns what ``<out stem>.tune.json`` holds: metric_before/start/after, thresholds_before/after,
     n_images, curves, the paths written, seconds.
     """
-    from pneumomap.truth import load_truth
+    from pneumomap.truth import is_rsna_folder, load_truth
 
     started = time.perf_counter()
     pipeline_path, out_path = Path(pipeline_path), Path(out_path)
@@ -437,6 +437,9 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     plots = Path(plots) if plots else out_path.parent / f"{out_path.stem}-tune-plots"
     pipeline = spec.load(pipeline_path)
     map_metric = metrics.map_metric(metric, pos_weight, neg_weight)
+    if not is_rsna_folder(val_dir) and split not in (None, "val"):
+        raise TuneError(f"--split {split}: a folder of reference maps has no splits ({val_dir}); tune on all of it")
+    split = split if is_rsna_folder(val_dir) else None  # the default 'val' is an RSNA folder's split
     truth_source = load_truth(val_dir, split=split, truth_def=truth_def, box_level=box_level)
     paths = _image_paths(truth_source, images)
     options = runner.RunOptions(device=device, batch_size=batch_size, workers=workers, precision=precision,
