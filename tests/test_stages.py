@@ -280,11 +280,13 @@ def timm_weights(tmp_path):
 def test_local_timm_weights_are_loaded_and_adapted_to_one_channel(timm_weights):
     path, model = timm_weights
     clf = tiny("classifier", pretrained=[str(path)])
-    stem = clf.encoder.conv_stem.weight
+    stem = clf.encoder.model.conv_stem.weight
     assert stem.shape[1] == 1
     assert torch.allclose(stem, model.conv_stem.weight.sum(1, keepdim=True))
     full = model.state_dict()
-    for key, value in clf.encoder.state_dict().items():
+    mine = clf.encoder.model.state_dict()
+    assert set(full) - set(mine) == {"classifier.weight", "classifier.bias"}  # only timm's classifier is left out
+    for key, value in mine.items():
         if key != "conv_stem.weight":
             assert torch.equal(value, full[key]), key
 
@@ -350,7 +352,7 @@ def test_default_configs_construct():
     """EfficientNet-B4 at 512 (and ConvNeXt-tiny) build; no forward pass at full size."""
     clf = create_stage("classifier")
     assert clf.input_size == (512, 512) and clf.config.backbones == ("efficientnet_b4",)
-    assert clf.members[0].head.in_features == 448
+    assert clf.members[0].head.in_features == 1792  # EfficientNet-B4's conv_head, not the last block's 448
     assert create_stage("classifier", backbones=["convnext_tiny"]).members[0].head.in_features == 768
     reg = create_stage("regressor")
     assert reg.input_size == (512, 320)

@@ -250,6 +250,11 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
         if node.type == "regressor" and stage.config.side != node.params["side"]:
             raise RunError(f"nodes.{node.name}: params.side is {node.params['side']!r} but the checkpoint "
                            f"{node.checkpoint} is the {stage.config.side!r} regressor")
+        if node.type == "classifier":
+            try:  # the class taken as the node's probability from a multi-class head
+                stage.class_index(node.params.get("positive"))
+            except ValueError as exc:
+                raise RunError(f"nodes.{node.name}.params.positive: {exc} ({node.checkpoint})") from None
         if node.type == "mapper":
             try:
                 stage.attach_encoder(models[node.inputs[0]])
@@ -449,6 +454,8 @@ class _Runner:
         if node.name in self.sources:
             for i, st in enumerate(states):
                 st.features[node.name] = [f[i] for f in features]
+        if node.type == "classifier":  # a multi-class head: p of the node's params.positive class
+            return stage.probability_of(stage.predict(x, features), node.params.get("positive"))
         return stage.predict(x, features)
 
     def features(self, source: Node, states: list[_State], x: torch.Tensor) -> list[torch.Tensor]:

@@ -45,7 +45,14 @@ TOP_KEYS = ("version", "thresholds", "nodes", "outputs")
 NODE_KEYS = ("stage", "op", "checkpoint", "inputs", "params", "when")
 STAGES: dict[str, NodeDef] = {
     "lungs": NodeDef((Role("image", (IMAGE,)),), "lungs", {}, help="lung segmentation -> lung split"),
-    "classifier": NodeDef((Role("image", (IMAGE,)),), "probability", {}, help="p(pneumonia)"),
+    "classifier": NodeDef((Role("image", (IMAGE,)),), "probability",
+                          # positive: the class whose probability a multi-class head gives as the node's
+                          # value (absent: 'Lung Opacity'); one of the checkpoint's class_names, checked at
+                          # load; binary heads ignore it. The choices are pneumomap.labels.CLASSES (not
+                          # imported: it pulls in scipy)
+                          {"positive": Param("enum", choices=("Lung Opacity", "No Lung Opacity / Not Normal", "Normal"),
+                                             help="the class taken as p(pneumonia) from a multi-class head")},
+                          help="p(pneumonia)"),
     "regressor": NodeDef((Role("image", (IMAGE,)), Role("lungs", ("lungs",))), "extent",
                          {"side": Param("enum", choices=("right", "left"), required=True)},
                          help="opacity extent of one lung"),

@@ -1,25 +1,43 @@
 """Whole-image classifier: timm backbone(s) + GeM + linear head -> p(pneumonia).
 
 ``ScoreStage`` is the model code shared with the extent regressors (regressor.py): an
-ensemble of `EncoderHead` members (each a timm features_only encoder, GeM on its last map,
-a linear head), optional horizontal-flip test-time augmentation, and the encode/predict
-split that lets a mapper reuse the encoder pass of member 0::
+ensemble of `EncoderHead` members (each timm's whole model of its backbone without the
+classifier: ``forward_features``, i.e. the backbone's own feature head (EfficientNet's
+``conv_head`` + BN + SiLU), then GeM, timm's pre-logits head (ConvNeXt's norm) and a new
+linear head), optional horizontal-flip test-time augmentation, and the encode/predict split
+that lets a mapper reuse the encoder pass of member 0::
 
-    features = classifier.encode(x)                  # member 0's multi-scale features
+    features = classifier.encode(x)                  # member 0's maps: multi-scale ones + the head map (last)
     p = classifier.predict(x, features=features)     # no second pass of member 0's encoder
     m = mapper.predict(x, features=features)         # the mapper decodes the same features
 
-Ensemble rule: the mean of the members' probabilities; flip TTA: the mean of the
-probabilities on x and on x flipped left-right (before the ensemble mean).
+Ensemble rule, the same in training, validation and inference: the ensemble's probability is
+the mean of the members' probabilities (sigmoid or softmax of each member's logits).
+``forward`` returns the logits of that mean (binary: ``log(mean p) - log(mean(1 - p))``,
+multi-class: ``log(mean softmax)``), so a loss on ``forward`` (training) and ``activation(forward)``
+(validation) see exactly the probability `predict` gives. Flip TTA (inference only): the mean
+of the probabilities on x and on x flipped left-right, per member, before the ensemble mean.
+
+Multi-class heads (``n_classes > 1``): `predict` gives every class's probability; a pipeline
+takes one of them as p(pneumonia), the class its node names (`probability_of`, ``class_index``),
+which must be one of the checkpoint's ``class_names``.
+
+Weights format: 2 (the member is timm's whole model, keys ``members.N.encoder.model.*``).
+Format 1 (a timm features_only encoder, keys ``members.N.encoder.conv_stem.*`` etc., head on
+the last block's projection) cannot be loaded: `load_state_dict` refuses it, saying so.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pneumomap.labels import POSITIVE_CLASS
 from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_size, register_stage
 from pneumomap.stages.encoders import EncoderHead
 
@@ -69,6 +87,21 @@ class ClassifierConfig(BackboneConfig):
             raise ConfigError(f"class_names: {len(self.class_names)} names for n_classes={self.n_classes}")
 
 
+WEIGHTS_FORMAT = 2
+
+
+def refuse_legacy_weights(keys, encoder_prefix: str) -> None:
+    """Raise RuntimeError when ``keys`` hold a weights-format-1 encoder (timm features_only) under
+    ``encoder_prefix`` (a regex, e.g. ``members\\.\\d+\\.encoder\\.``): those weights cannot be used."""
+    legacy = [k for k in keys if re.match(encoder_prefix, k) and not re.match(encoder_prefix + r"model\.", k)]
+    if legacy:
+        raise RuntimeError(
+            f"weights format 1 (e.g. key {legacy[0]!r}): saved by a pneumomap whose classifier/regressor head sat on "
+            "timm's features_only last map (before the backbone's own feature head, e.g. EfficientNet's conv_head, "
+            f"was used); this version reads weights format {WEIGHTS_FORMAT} only. Retrain this stage (and the "
+            "mappers that decode its encoder) with this version")
+
+
 class ScoreStage(Stage):
     """An ensemble of backbone+GeM+head members producing one score vector per image."""
 
@@ -89,13 +122,22 @@ class ScoreStage(Stage):
         return self.members[0].encoder
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Member 0's multi-scale feature maps of ``x`` (finest first)."""
+        """Member 0's maps of ``x``: the multi-scale maps (finest first), then the feature-head map (`Backbone`)."""
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, n_outputs), the mean over members (train one member per stage; predict() is the inference rule)."""
-        logits = [member(x) for member in self.members]
-        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+        """Logits (B, n_outputs) of the ensemble's probability (`ensemble_logits`; one member: its logits)."""
+        return self.ensemble_logits([member(x) for member in self.members])
+
+    @staticmethod
+    def ensemble_logits(logits: list[torch.Tensor]) -> torch.Tensor:
+        """The logits whose `activation` is the mean of the members' probabilities (the ensemble rule)."""
+        if len(logits) == 1:
+            return logits[0]
+        stacked = torch.stack([l.float() for l in logits])
+        if stacked.shape[-1] == 1:  # sigmoid: log(mean p) - log(mean (1 - p)), the log(n) cancels
+            return (torch.logsumexp(F.logsigmoid(stacked), 0) - torch.logsumexp(F.logsigmoid(-stacked), 0))
+        return torch.logsumexp(torch.log_softmax(stacked, dim=-1), 0) - math.log(len(logits))
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> probabilities: sigmoid for one output, softmax for several."""
@@ -103,7 +145,9 @@ class ScoreStage(Stage):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Probabilities: (B,) for one output, (B, n) otherwise. ``features``: `encode(x)`, reused for member 0."""
+        """Probabilities: (B,) for one output, (B, n) otherwise. ``features``: `encode(x)`, reused for member 0.
+
+        The mean of the members' probabilities (with flip TTA: of each member's on x and on x flipped)."""
         probs = []
         for i, member in enumerate(self.members):
             p = self.activation(member(x, features if i == 0 else None))
@@ -112,6 +156,11 @@ class ScoreStage(Stage):
             probs.append(p)
         mean = probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
         return mean[:, 0] if mean.shape[1] == 1 else mean
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, refusing weights format 1 with a clear error (`refuse_legacy_weights`)."""
+        refuse_legacy_weights(state_dict, r"members\.\d+\.encoder\.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 @register_stage
@@ -125,3 +174,23 @@ class Classifier(ScoreStage):
     @property
     def n_outputs(self) -> int:
         return self.config.n_classes
+
+    def class_index(self, name: str | None = None) -> int | None:
+        """The column of class ``name`` (None: 'Lung Opacity', `pneumomap.labels.POSITIVE_CLASS`) in `predict`'s
+        (B, n) output; None for a binary head (its one output is p of the positive class, whatever ``name``).
+        ValueError, naming both, when ``name`` is not among the checkpoint's ``class_names``."""
+        if self.config.n_classes == 1:
+            return None
+        name = name or POSITIVE_CLASS
+        names = list(self.config.class_names)
+        if not names:
+            raise ValueError(f"a {self.config.n_classes}-class head without class_names: cannot tell which output is "
+                             f"{name!r}; add class_names (one per output, in order) to its config.yaml")
+        if name not in names:
+            raise ValueError(f"class {name!r} (the node's params.positive) is not among the checkpoint's classes {names}")
+        return names.index(name)
+
+    def probability_of(self, probs: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """(B,) p of class ``name`` from `predict`'s output (a binary head's output as it is)."""
+        index = self.class_index(name)
+        return probs if index is None else probs[:, index]

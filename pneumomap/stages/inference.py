@@ -5,7 +5,8 @@ fuses element-wise ops, with outputs equal to the eager network's to float round
 Measured at 512 px, batch 1, channels_last, 2 cores: EfficientNet-B4 features 98 -> 73 ms, the
 lung U-Net 172 -> 130 ms, a mapper decoder 65 -> 54 ms. The heavy parts are traced: each
 backbone encoder of a classifier/regressor, the whole U-Net of the lung stage, each mapper's
-decoder; heads and GeM stay eager. A trace is specialised to the shapes it sees, so the
+decoder; heads, GeM and a backbone's pre-logits head (`LazyFrozen` passes other attributes through to
+the eager module) stay eager. A trace is specialised to the shapes it sees, so the
 runner feeds the CPU one image at a time (`pneumomap.device.forward_batch`); other shapes are
 still right, only re-optimised. On CUDA nothing changes (AMP + channels_last are the fast
 path there). A network that cannot be traced stays eager, with one log line.
@@ -46,6 +47,16 @@ class LazyFrozen(nn.Module):
                     self.compiled = self._trace(x)
                     self.trace_seconds = time.perf_counter() - start
         return self.compiled(x)
+
+    def __getattr__(self, name: str):
+        """Attributes other than the module's own come from the wrapped eager module (e.g. a backbone's
+        ``pre_logits``, `pneumomap.stages.encoders.Backbone`: only ``forward`` is traced)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("module", "_modules"):
+                raise
+            return getattr(super().__getattr__("module"), name)
 
     def _trace(self, x: torch.Tensor) -> nn.Module:
         try:

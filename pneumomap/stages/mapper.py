@@ -14,7 +14,11 @@ the pipeline wants). So the runner computes the encoder once::
     p = classifier.predict(x, features=features)
     opacity = mapper.predict(x, features=features)
 
-`save` stores the encoder tensors too, so `load_stage(dir)` works with no other input.
+The features are the source's `encode(x)`: its `Backbone`'s multi-scale maps (finest first)
+followed by its feature-head map; the decoder takes the multi-scale maps (``levels`` of them).
+`save` stores the encoder tensors too, so `load_stage(dir)` works with no other input (weights
+format 2, the encoder as timm's whole model under ``encoder.model.``; a format-1 checkpoint,
+whose encoder was a features_only network, is refused with a clear error).
 Training: optimise `trainable_parameters()` (the decoder and head).
 """
 from __future__ import annotations
@@ -29,7 +33,8 @@ from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
 from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_choice, check_size, register_stage
-from pneumomap.stages.encoders import create_encoder, feature_channels, weights_follow
+from pneumomap.stages.classifier import refuse_legacy_weights
+from pneumomap.stages.encoders import Backbone, weights_follow
 
 SOURCES = ("classifier", "regressor")
 
@@ -69,8 +74,9 @@ class Mapper(Stage):
     def __init__(self, config: MapperConfig) -> None:
         super().__init__(config)
         with weights_follow():  # replaced by attach_encoder() or by the checkpoint's weights
-            self.encoder = create_encoder(config.encoder, in_chans=1)
-        channels = feature_channels(self.encoder)
+            self.encoder = Backbone(config.encoder, in_chans=1)
+        channels = self.encoder.channels
+        self.levels = len(channels)  # the multi-scale maps decoded: features[:levels]
         if len(config.decoder_channels) < len(channels):
             raise ConfigError(f"decoder_channels: {len(config.decoder_channels)} given, the encoder "
                               f"{config.encoder} has {len(channels)} feature maps")
@@ -125,14 +131,20 @@ class Mapper(Stage):
             return self.encoder(x)
 
     def decode(self, features: list[torch.Tensor], size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Logits (B, 1, h, w) at ``size`` (default: the config's input size) from encoder features."""
+        """Logits (B, 1, h, w) at ``size`` (default: the config's input size) from the source's `encode` output
+        (its multi-scale maps are decoded; the feature-head map after them is not)."""
         size = tuple(size or self.input_size)
         first = features[0]
         stand_in = first.new_empty((first.shape[0], 0, *size))
-        logits = self.head(self.decoder([stand_in, *features]))
+        logits = self.head(self.decoder([stand_in, *features[:self.levels]]))
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, refusing weights format 1 with a clear error."""
+        refuse_legacy_weights(state_dict, r"encoder\.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, h, w) at the size of ``x``."""
