@@ -20,7 +20,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
     return device
 
 

@@ -1,11 +1,31 @@
-"""Atomic file writing: a reader never sees a half-written file, a killed run leaves none."""
+"""Atomic file writing: a reader never sees a half-written file, a killed run leaves none.
+
+Temporary files are named ``.pneumomap-<host>-<pid>-<random>.tmp`` beside their target: short
+(any file name can be written), recognisably ours (`remove_temporaries` deletes nothing else) and
+naming their writer (a live writer's files are never deleted). `exclusive_lock` keeps a second
+run from writing into the same folder.
+"""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import hashlib
+import json
 import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+TEMP_PREFIX = ".pneumomap-"
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-"
 
 
 @contextlib.contextmanager
@@ -13,7 +33,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
@@ -67,12 +87,68 @@ def write_png(path: str | os.PathLike, array, bits: int = 8) -> bytes:
     return data
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that wrote the temporary file ``name`` may still be writing it."""
+    try:
+        host, pid = name[len(TEMP_PREFIX):].split("-")[:2]
+        pid_number = int(pid)
+    except ValueError:
+        return False
+    if host != _HOST:
+        return True  # another machine's writer (a shared folder): not ours to judge
+    if pid_number == os.getpid():
+        return False  # this process calls it only when its own writers are done
+    try:
+        os.kill(pid_number, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_temporaries(folder: str | os.PathLike) -> int:
-    """Delete the temporary files `atomic_open` leaves behind when its process is killed mid-write
-    (``.NAME.XXXXXXXX.tmp``) anywhere below ``folder``; call it only when no writer is active."""
+    """Delete the temporary files `atomic_open` left below ``folder`` when its process was killed
+    mid-write: only pneumomap's own (``.pneumomap-*.tmp``), and only those of writers no longer alive."""
     removed = 0
-    for path in Path(folder).rglob(".*.tmp"):
+    for path in Path(folder).rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if _writer_alive(path.name):
+            continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed += 1
     return removed
+
+
+class FolderLockedError(RuntimeError):
+    """Another process holds the lock of a folder (the message names it)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on ``path`` (released when the process ends, even killed);
+    raise `FolderLockedError` naming the holder (pid, host, start, command) when another process has it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderLockedError(f"{what} is being written by another pneumomap run ({holder}; lock file "
+                                    f"{path}); wait for it to end, or write elsewhere") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                                 "command": " ".join(sys.argv)[:300]}))
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -81,8 +81,13 @@ def main(args: argparse.Namespace) -> int:
                                         (parts or shard.from_environment())[1], description)
         else:
             summary = runner.run(pipeline, args.input, args.out, options)
-    except (PipelineError, runner.RunError, ValueError, FileNotFoundError) as exc:
+    except (PipelineError, runner.RunError, ValueError) as exc:
         print(f"pneumomap infer: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # reading inputs never raises (unreadable images are failures): writing failed
+        print(f"pneumomap infer: error: cannot write the output: {exc}; nothing half-written was left: make "
+              "room (or fix the folder) and run the same command again, it continues where it stopped",
+              file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))
     if summary["failures"]:

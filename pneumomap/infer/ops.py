@@ -65,6 +65,7 @@ class NodeDef:
     params: dict[str, Param] = field(default_factory=dict)
     fn: Callable[..., Any] | None = None
     help: str = ""
+    check: Callable[[dict[str, Any]], str | None] | None = None  # a rule across parameters: its message, or None
 
 
 # ----------------------------------------------------------------------------- values
@@ -255,5 +256,6 @@ OPS: dict[str, NodeDef] = {
         (Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "map8",
         {"low": Param("int", *MAP8_RANGE, 10), "high": Param("int", *MAP8_RANGE, 245),
          "outside": Param("int", *MAP8_RANGE, 1)},
-        clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255"),
+        clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255",
+        check=lambda p: f"low ({p['low']}) is above high ({p['high']})" if p["low"] > p["high"] else None),
 }

@@ -24,6 +24,7 @@ from pneumomap.infer.artifacts import SCALAR_DECIMALS
 from pneumomap.infer.spec import DECISION_COLUMNS
 
 FALLBACK_SIZE = (1024, 1024)
+MAX_FALLBACK_SIDE = 1 << 14  # a header claiming more (or 0) is not believed: the fallback map is FALLBACK_SIZE
 
 
 @dataclass
@@ -98,16 +99,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
         from PIL import Image
 
         with Image.open(path) as image:
-            return image.height, image.width
+            size = image.height, image.width
     except Exception:
-        pass
-    try:
-        import pydicom
+        try:
+            import pydicom
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        return int(ds.Rows), int(ds.Columns)
-    except Exception:
-        return FALLBACK_SIZE
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            size = int(ds.Rows), int(ds.Columns)
+        except Exception:
+            return FALLBACK_SIZE
+    return size if 0 < size[0] <= MAX_FALLBACK_SIDE and 0 < size[1] <= MAX_FALLBACK_SIDE else FALLBACK_SIZE
 
 
 def fallback_map(path: str | Path, floor: int = 1) -> np.ndarray:

@@ -275,6 +275,10 @@ def load_stage(directory: str | os.PathLike, map_location: str | torch.device = 
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing (the config beside it is a {kind!r} stage)")
     state = load_file(str(weights), device=str(map_location))
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}): a diverged "
+                         "training run; use another epoch's checkpoint")
     try:
         stage.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -81,13 +81,18 @@ def read_image(path: str | os.PathLike) -> Radiograph:
     path = Path(path)
     try:
         head = _read_head(path)
-        if _is_dicom(path, head):
-            return _read_dicom(path)
-        return _read_pillow(path)
+        image = _read_dicom(path) if _is_dicom(path, head) else _read_pillow(path)
     except UnreadableImageError:
         raise
-    except Exception as exc:  # anything from deep inside pydicom / Pillow / numpy
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # anything from deep inside pydicom / Pillow / numpy, a decoder's panic too
         raise UnreadableImageError(path, _one_line(exc)) from None
+    if not np.isfinite(image.pixels).all():
+        bad = int(np.count_nonzero(~np.isfinite(image.pixels)))
+        raise UnreadableImageError(path, f"{bad} pixel value(s) are not finite (NaN or infinite) after the "
+                                         "modality and VOI LUTs (stored NaN, or a rescale slope that overflows)")
+    return image
 
 
 def map_images(fn: Callable[[Radiograph | UnreadableImageError], T], paths: Iterable[str | os.PathLike],

@@ -1,0 +1,293 @@
+"""A batch never dies and never lies: bad inputs and faults against `pneumomap infer` (issue 14).
+
+Each case asserts the exit status, a message that names the file and the problem, one row and
+one map per input (an unreadable image gets probability 0 and the floor map), and that nothing
+half-written is left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from pneumomap.fileio import TEMP_PREFIX
+from pneumomap.infer.tiny import write_inputs, write_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV = "image-level-classifications.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("hostile")
+    images = write_inputs(root / "data", n=3, size=64, corrupt=False)
+    pipeline = write_pipeline(root / "pipe", thresholds={"classifier": 0.0})  # every node runs
+    return {"root": root, "images": images, "pipeline": pipeline,
+            "good": sorted(images.glob("*.dcm"))}
+
+
+@dataclass
+class Done:
+    returncode: int
+    stderr: str
+
+
+def infer(tiny: dict, inputs: Path, out: Path, *extra: str, pipeline: Path | None = None,
+          wait: bool = True) -> Done | subprocess.Popen:
+    """`pneumomap infer` in this process (``wait=False``: in another one, running on)."""
+    argv = ["infer", "--pipeline", str(pipeline or tiny["pipeline"]), "--input", str(inputs), "--out", str(out),
+            "--quiet", "--workers", "0", *map(str, extra)]
+    if not wait:
+        return subprocess.Popen([sys.executable, "-m", "pneumomap", *argv], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    from pneumomap.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(argv)
+    return Done(status, err.getvalue())
+
+
+def case(tiny: dict, tmp_path: Path, *extra_files: Path) -> Path:
+    """An input folder: the good images plus ``extra_files``."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in [*tiny["good"], *extra_files]:
+        shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / CSV, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def failures(out: Path) -> list[dict]:
+    with open(out.parent / f"{out.name}-work" / "failures.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_complete(inputs: Path, out: Path) -> None:
+    """One row and one map per input, in input order, nothing else in OUT, no temporary anywhere."""
+    names = sorted(p.name for p in inputs.iterdir() if p.is_file())
+    assert [r["fileNamePath"] for r in rows(out)] == names
+    assert sorted(p.name for p in out.iterdir()) == sorted([CSV, *(f"{Path(n).stem}.png" for n in names)])
+    for name in names:
+        png = Image.open(out / f"{Path(name).stem}.png")
+        assert png.mode == "L" and min(png.size) > 0
+    work = out.parent / f"{out.name}-work"
+    assert not list(out.rglob(f"{TEMP_PREFIX}*.tmp")) and not list(work.rglob(f"{TEMP_PREFIX}*.tmp"))
+
+
+def assert_failed(out: Path, path: Path, *words: str) -> None:
+    """``path`` is a failure row whose reason holds ``words``; its row scores 0 and its map is the floor."""
+    found = [f for f in failures(out) if f["image_id"] == path.stem]
+    assert len(found) == 1, failures(out)
+    for word in words:
+        assert word.lower() in found[0]["reason"].lower(), found[0]["reason"]
+    assert next(r for r in rows(out) if r["fileNamePath"] == path.name)["score"] == "0.000000"
+    assert np.all(np.asarray(Image.open(out / f"{path.stem}.png")) == 1)
+
+
+def edited_dicom(source: Path, target: Path, **changes) -> Path:
+    """A copy of ``source`` with header fields changed (the pixels stay)."""
+    ds = pydicom.dcmread(source)
+    ds.decompress() if ds.file_meta.TransferSyntaxUID.is_compressed else None
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    ds.save_as(target)
+    return target
+
+
+# ----------------------------------------------------------------------------- bad images
+
+
+def test_non_finite_pixels_are_failures_not_nan_rows(tiny, tmp_path):
+    nan = edited_dicom(tiny["good"][0], tmp_path / "nan_intercept.dcm", RescaleIntercept="NaN", RescaleSlope="1")
+    huge = edited_dicom(tiny["good"][1], tmp_path / "huge_slope.dcm", RescaleSlope="1e38", RescaleIntercept="0")
+    inputs = case(tiny, tmp_path, nan, huge)
+    done = infer(tiny, inputs, tmp_path / "out")
+    assert done.returncode == 1, done.stderr
+    assert_complete(inputs, tmp_path / "out")
+    for path in (nan, huge):
+        assert_failed(tmp_path / "out", path, "not finite")
+    assert all(np.isfinite(float(r["score"])) for r in rows(tmp_path / "out"))
+
+
+def test_a_decoder_that_panics_fails_one_image(tiny, tmp_path, monkeypatch):
+    """Whatever a decoder raises (pylibjpeg-rle's Rust panic is a BaseException), one image fails."""
+    from pneumomap.stages import reader
+
+    class Panic(BaseException):
+        pass
+
+    bad = shutil.copy2(tiny["good"][0], tmp_path / "panics.dcm")
+    original = reader._read_dicom
+
+    def read(path):
+        if Path(path).name == "panics.dcm":
+            raise Panic("called `Result::unwrap()` on an `Err` value")
+        return original(path)
+
+    monkeypatch.setattr(reader, "_read_dicom", read)
+    error = reader.read_or_error(bad)
+    assert isinstance(error, reader.UnreadableImageError) and "panics.dcm" in str(error) and "unwrap" in str(error)
+
+
+def test_zero_rows_gets_a_fallback_map(tiny, tmp_path):
+    zero = edited_dicom(tiny["good"][0], tmp_path / "zero_rows.dcm", Rows=0)
+    inputs = case(tiny, tmp_path, zero)
+    done = infer(tiny, inputs, tmp_path / "out")
+    assert done.returncode == 1, done.stderr
+    assert_complete(inputs, tmp_path / "out")
+    assert_failed(tmp_path / "out", zero)
+    assert np.asarray(Image.open(tmp_path / "out" / "zero_rows.png")).shape == (1024, 1024)
+
+
+def test_a_very_long_file_name(tiny, tmp_path):
+    long = shutil.copy2(tiny["good"][0], tmp_path / ("a" * 240 + ".dcm"))
+    inputs = case(tiny, tmp_path, Path(long))
+    done = infer(tiny, inputs, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert_complete(inputs, tmp_path / "out")
+
+
+def test_an_input_changed_after_a_run_is_computed_again(tiny, tmp_path):
+    inputs = case(tiny, tmp_path)
+    assert infer(tiny, inputs, tmp_path / "out").returncode == 0
+    changed = inputs / tiny["good"][1].name
+    shutil.copy2(tiny["good"][0], changed)  # other pixels under the same name
+    os.utime(changed, ns=(time.time_ns(), time.time_ns()))
+    done = infer(tiny, inputs, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    fresh = infer(tiny, inputs, tmp_path / "fresh", "--no-artifacts")
+    assert fresh.returncode == 0
+    assert_complete(inputs, tmp_path / "out")
+    for path in sorted((tmp_path / "fresh").iterdir()):
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+# ----------------------------------------------------------------------------- bad pipelines, checkpoints, devices
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"classifier": float("nan")}, ["thresholds.classifier", "not a finite number"]),
+    ({"clip": {"low": 200, "high": 100, "outside": 1}}, ["nodes.final.params", "low (200) is above high (100)"]),
+    ({"clip": {"low": 10, "high": 255, "outside": 1}}, ["thresholds.clip.high", "out of range"]),
+])
+def test_bad_thresholds_are_refused_before_any_image(tiny, tmp_path, change, words):
+    import yaml
+
+    raw = yaml.safe_load(tiny["pipeline"].read_text())
+    raw["thresholds"].update(change)
+    bad = tiny["pipeline"].parent / f"bad-{len(list(tiny['pipeline'].parent.glob('bad-*')))}.yaml"
+    bad.write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = infer(tiny, case(tiny, tmp_path), tmp_path / "out", pipeline=bad)
+    assert done.returncode == 2 and str(bad.name) in done.stderr
+    for word in words:
+        assert word in done.stderr
+    assert not (tmp_path / "out" / CSV).exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny["pipeline"].parent, pipe)
+    weights = pipe / "checkpoints" / "classifier" / "weights.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][...] = float("nan")
+    save_file(state, str(weights))
+    done = infer(tiny, case(tiny, tmp_path), tmp_path / "out", pipeline=pipe / "pipeline.yaml")
+    assert done.returncode == 2
+    assert "weights.safetensors" in done.stderr and "NaN" in done.stderr and name in done.stderr
+
+
+def test_cuda_without_a_gpu_is_a_one_line_refusal(tiny, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = infer(tiny, case(tiny, tmp_path), tmp_path / "out", "--device", "cuda")
+    assert done.returncode == 2 and "CUDA is not available" in done.stderr
+
+
+# ----------------------------------------------------------------------------- folders and concurrency
+
+
+def test_output_inside_the_input_is_refused(tiny, tmp_path):
+    inputs = case(tiny, tmp_path)
+    for out in (inputs, inputs / "sub"):
+        done = infer(tiny, inputs, out)
+        assert done.returncode == 2 and "inside the input folder" in done.stderr
+    assert sorted(p.name for p in inputs.iterdir()) == sorted(p.name for p in tiny["good"])
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tiny, tmp_path):
+    inputs = case(tiny, tmp_path)
+    first = infer(tiny, inputs, tmp_path / "out", "--batch-size", "1", wait=False)
+    lock = tmp_path / "out-work" / ".pneumomap-0-of-1.lock"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
+        time.sleep(0.02)
+    second = infer(tiny, inputs, tmp_path / "out")
+    first.wait(timeout=300)
+    assert first.returncode == 0, first.stderr.read()
+    if second.returncode == 0:
+        pytest.skip("the first run ended before the second started")
+    assert second.returncode == 2 and "another pneumomap run" in second.stderr and str(first.pid) in second.stderr
+    assert_complete(inputs, tmp_path / "out")
+
+
+def test_user_temporary_files_survive(tiny, tmp_path):
+    inputs = case(tiny, tmp_path)
+    (tmp_path / "out-work").mkdir()
+    mine = tmp_path / "out-work" / ".notes.txt.draft.tmp"
+    mine.write_text("the user's")
+    assert infer(tiny, inputs, tmp_path / "out").returncode == 0
+    assert mine.read_text() == "the user's"
+
+
+def test_disk_full_stops_with_a_message_and_resumes_identically(tiny, tmp_path):
+    """ENOSPC on the third write: exit 2 naming the problem and how to go on; the same command later
+    finishes with the files of an uninterrupted run."""
+    import errno
+
+    from pneumomap import fileio
+    from pneumomap.infer import artifacts
+
+    inputs = case(tiny, tmp_path)
+    calls = [0]
+    original = fileio.atomic_write_bytes
+
+    def full(path, data):
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fileio, "atomic_write_bytes", full)
+        patch.setattr(artifacts, "atomic_write_bytes", full)
+        done = infer(tiny, inputs, tmp_path / "out", "--batch-size", "1")
+    assert done.returncode == 2, done.stderr
+    assert "No space left on device" in done.stderr and "run the same command again" in done.stderr
+    assert infer(tiny, inputs, tmp_path / "out").returncode == 0
+    assert infer(tiny, inputs, tmp_path / "fresh", "--no-artifacts").returncode == 0
+    assert_complete(inputs, tmp_path / "out")
+    for path in sorted((tmp_path / "fresh").iterdir()):
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
