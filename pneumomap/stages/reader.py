@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import itertools
 import os
 import re
@@ -25,6 +26,7 @@ import numpy as np
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+MAX_PIXELS = 1 << 26  # 8192 x 8192: far above any radiograph (RSNA: 1024 x 1024; large detectors ~4300 x 4300)
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
 CHEST_RADIOGRAPHY_MODALITIES = ("CR", "DX")
@@ -231,6 +233,15 @@ def _is_dicom(path: Path, head: bytes) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or path.suffix == ""
 
 
+def _check_size(path: Path, height: int, width: int) -> None:
+    """Refuse, before decoding, an image whose header claims no pixels or more than MAX_PIXELS."""
+    if height < 1 or width < 1:
+        raise UnreadableImageError(path, f"the header gives an empty image ({height} x {width} pixels)")
+    if height * width > MAX_PIXELS:
+        raise UnreadableImageError(path, f"the header gives {height} x {width} pixels, more than the {MAX_PIXELS:,} "
+                                         "a radiograph may have here (a corrupt header or not a radiograph)")
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -243,6 +254,7 @@ def _read_dicom(path: Path) -> Radiograph:
     ds = _dcmread(path)
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     _check_dicom_image(path, ds, photometric)
+    _check_size(path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
     frame, n_frames = _decode_first_frame(path, ds)
     flags = _dicom_flags(ds)
     if n_frames > 1:
@@ -266,10 +278,13 @@ def _dcmread(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    # from memory: a corrupt element length makes a file object allocate that length before reading
+    # (an 8-byte file claiming 1.6 GB), a BytesIO returns the bytes there are
+    data = path.read_bytes()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
         pass  # no preamble/'DICM': may still be a raw data set
     except EOFError as exc:
@@ -281,7 +296,7 @@ def _dcmread(path: Path):
             raise UnreadableImageError(path, f"truncated DICOM{detail}")
         return ds
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
         ok = "Rows" in ds and "Columns" in ds
     except Exception:
         ok = False
@@ -444,6 +459,7 @@ def _read_pillow(path: Path) -> Radiograph:
 
     try:
         with Image.open(path) as image:
+            _check_size(path, image.height, image.width)
             image = ImageOps.exif_transpose(image)
             pixels, photometric, bits, flags = _pillow_pixels(image)
     except UnidentifiedImageError:
