@@ -291,3 +291,157 @@ def test_disk_full_stops_with_a_message_and_resumes_identically(tiny, tmp_path):
     assert_complete(inputs, tmp_path / "out")
     for path in sorted((tmp_path / "fresh").iterdir()):
         assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+# ----------------------------------------------------------------------------- many bad files in one batch
+
+
+def _png_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def _jpeg_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bad_files(tiny: dict, folder: Path) -> dict[str, tuple[str, ...]]:
+    """Write one file per kind of bad input; return name -> words its failure reason must hold."""
+    good = tiny["good"][0]
+    dicom = good.read_bytes()
+    grey = (np.random.default_rng(0).random((48, 40)) * 255).astype(np.uint8)
+    raw = {
+        "empty.dcm": (b"", ("empty file",)),
+        "empty_png.png": (b"", ("empty file",)),
+        "text_named.png": (b"hello, not an image\n" * 10, ("not a dicom, png or jpeg",)),
+        "jpeg_header_only.jpg": (b"\xff\xd8\xff" + b"\0" * 20, ("not a dicom, png or jpeg",)),
+        "truncated_header.dcm": (dicom[:200], ("truncated",)),
+        "truncated_pixels.dcm": (dicom[: len(dicom) * 2 // 3], ("truncated",)),
+        "preamble_only.dcm": (b"\0" * 128 + b"DICM", ("truncated",)),
+        "random_bytes.dcm": (np.random.default_rng(1).bytes(3000), ()),
+        "truncated.png": (_png_bytes(grey)[:60], ("truncated or corrupt",)),
+        "truncated_jpeg.jpg": (_jpeg_bytes(grey)[:100], ()),
+        "png_header_only.png": (_png_bytes(grey)[:33], ()),
+        "zero_size.png": (b"\x89PNG\r\n\x1a\n" + b"\0\0\0\rIHDR" + b"\0" * 8 + b"\x08\0\0\0\0", ()),
+    }
+    expected = {}
+    for name, (data, words) in raw.items():
+        (folder / name).write_bytes(data)
+        expected[name] = words
+    (folder / "broken_link.dcm").symlink_to(folder / "nowhere.dcm")
+    expected["broken_link.dcm"] = ("no such file",)
+    edits = {
+        "no_pixels.dcm": ({"PixelData": None}, ("no pixel data",)),
+        "no_photometric.dcm": ({"PhotometricInterpretation": None}, ("photometricinterpretation",)),
+        "palette.dcm": ({"PhotometricInterpretation": "PALETTE COLOR"}, ("photometric",)),
+        "huge_claim.dcm": ({"Rows": 60000, "Columns": 60000}, ("more than",)),
+        "zero_columns.dcm": ({"Columns": 0}, ("empty image",)),
+        "nan_window.dcm": ({"WindowCenter": "NaN", "WindowWidth": "NaN"}, ()),
+        "inf_slope.dcm": ({"RescaleSlope": "inf", "RescaleIntercept": "0"}, ("not finite",)),
+        "bits_allocated_3.dcm": ({"BitsAllocated": 3}, ()),
+        "samples_2.dcm": ({"SamplesPerPixel": 2}, ()),
+    }
+    for name, (changes, words) in edits.items():
+        ds = pydicom.dcmread(good)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        for key, value in changes.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+        ds.save_as(folder / name, enforce_file_format=False)
+        expected[name] = words
+    return expected
+
+
+def test_every_kind_of_bad_file_in_one_batch(tiny, tmp_path):
+    """Two good images among 22 kinds of broken ones: each broken one is a failure row naming the problem,
+    with probability 0 and the floor map; the good ones are untouched; exit 1."""
+    inputs = case(tiny, tmp_path)
+    expected = _bad_files(tiny, inputs)
+    done = infer(tiny, inputs, tmp_path / "out")
+    assert done.returncode == 1, done.stderr
+    out = tmp_path / "out"
+    reasons = {f["image_id"]: f["reason"] for f in failures(out)}
+    readable = {"nan_window", "bits_allocated_3", "samples_2"}  # may decode (then a finite image) or fail
+    for name, words in expected.items():
+        stem = Path(name).stem
+        if stem in readable and stem not in reasons:
+            continue
+        assert stem in reasons, f"{name} did not fail: {sorted(reasons)}"
+        for word in words:
+            assert word in reasons[stem].lower(), (name, reasons[stem])
+        assert np.all(np.asarray(Image.open(out / f"{stem}.png")) == 1), name
+    for path in tiny["good"]:
+        assert path.stem not in reasons
+    names = sorted(p.name for p in inputs.iterdir())
+    table = [r["fileNamePath"] for r in rows(out)]
+    assert table == names
+    assert all(np.isfinite(float(r["score"])) for r in rows(out))
+    assert len(list(out.glob("*.png"))) == len(table)
+
+
+# ----------------------------------------------------------------------------- refusals: status 2 before any image
+
+
+def _refusals(tiny: dict, tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    inputs = case(tiny, tmp_path)
+    pipe = tiny["pipeline"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dupes").mkdir()
+    shutil.copy2(tiny["good"][0], tmp_path / "dupes" / "x.dcm")
+    (tmp_path / "dupes" / "sub").mkdir()
+    shutil.copy2(tiny["good"][1], tmp_path / "dupes" / "sub" / "x.dcm")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.dcm\n".encode("latin-1"))
+    (tmp_path / "bad.yaml").write_bytes(b"version: 1\nnodes: {a: \xff\xfe}\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "a_file").write_text("x")
+    broken = tmp_path / "broken_pipe"
+    shutil.copytree(pipe.parent, broken)
+    (broken / "checkpoints" / "lungs" / "weights.safetensors").write_bytes(b"garbage")
+    (broken / "checkpoints" / "classifier" / "config.yaml").write_text("kind: [unclosed\n")
+    out = tmp_path / "out"
+    return {
+        "empty input folder": ([f"--input={tmp_path / 'empty'}", f"--out={out}"], ("contains no images",)),
+        "missing input": ([f"--input={tmp_path / 'nowhere'}", f"--out={out}"], ("no such file",)),
+        "two images with one id": ([f"--input={tmp_path / 'dupes'}", f"--out={out}"], ("the id 'x'",)),
+        "non-UTF-8 list file": ([f"--input={tmp_path / 'latin1.txt'}", f"--out={out}"], ("latin1.txt",)),
+        "non-UTF-8 pipeline": ([f"--input={inputs}", f"--out={out}", f"--pipeline={tmp_path / 'bad.yaml'}"],
+                               ("bad.yaml",)),
+        "pipeline not a mapping": ([f"--input={inputs}", f"--out={out}", f"--pipeline={tmp_path / 'list.yaml'}"],
+                                   ("list.yaml", "expected a mapping")),
+        "missing pipeline": ([f"--input={inputs}", f"--out={out}", f"--pipeline={tmp_path / 'no.yaml'}"],
+                             ("no.yaml", "cannot read")),
+        "corrupt checkpoints": ([f"--input={inputs}", f"--out={out}", f"--pipeline={broken / 'pipeline.yaml'}"],
+                                ("checkpoint",)),
+        "output is a file": ([f"--input={inputs}", f"--out={tmp_path / 'a_file'}"], ("a_file",)),
+        "description of another type": ([f"--input={inputs}", f"--out={out}", f"--description={tmp_path / 'bad.yaml'}"],
+                                        (".pdf, .docx or .txt",)),
+        "missing description": ([f"--input={inputs}", f"--out={out}", f"--description={tmp_path / 'no.txt'}"],
+                                ("no such file",)),
+        "bad shard": ([f"--input={inputs}", f"--out={out}", "--shard=3/2"], ("--shard",)),
+        "bad precision for the device": ([f"--input={inputs}", f"--out={out}", "--precision=fp16", "--device=cpu"],
+                                         ("fp16",)),
+    }
+
+
+def test_refusals_name_the_file_and_the_problem(tiny, tmp_path):
+    """Unusable inputs, pipelines, checkpoints and options: status 2, one message naming what is wrong,
+    nothing written into --out."""
+    for label, (argv, words) in _refusals(tiny, tmp_path).items():
+        from pneumomap.cli import main
+
+        err = io.StringIO()
+        pipeline = [a for a in argv if a.startswith("--pipeline=")] or [f"--pipeline={tiny['pipeline']}"]
+        args = ["infer", *pipeline, *[a for a in argv if not a.startswith("--pipeline=")], "--quiet", "--workers=0"]
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            status = main(args)
+        message = err.getvalue()
+        assert status == 2, (label, status, message)
+        for word in words:
+            assert word.lower() in message.lower(), (label, message)
+        assert not (tmp_path / "out" / CSV).exists(), label

@@ -200,7 +200,11 @@ def _has_dicm_marker(path: Path) -> bool:
 
 def _read_list_file(list_file: Path) -> list[Path]:
     entries = []
-    for line in list_file.read_text().splitlines():
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableImageError(list_file, f"list file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             entry = Path(line)
