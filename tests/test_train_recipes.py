@@ -118,3 +118,72 @@ def test_rotation_moves_image_and_mask_alike():
     assert torch.equal(rot_mask > 0.5, rot_image > 0)
     assert not torch.equal(rot_mask, mask)
     assert rot_image.min() == -1.0  # uncovered corners filled with the darkest input value
+
+
+def _help_sets() -> list[str]:
+    """Every `--set KEY=VALUE` that `pneumomap train --help` shows (its text and the --set option's help)."""
+    import argparse
+    import re
+    import shlex
+
+    from pneumomap.train import cli
+
+    parser = argparse.ArgumentParser(description=cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_arguments(parser)
+    text = parser.format_help()
+    found = [shlex.split(m)[0] for m in re.findall(r"--set\s+('[^']+'|\S+=\S+)", text)]
+    found += [shlex.split(m)[0] for m in re.findall(r"e\.g\.\s+('model\.[^']+')", text)]
+    return [s.rstrip(":)") for s in found if "=" in s and not s.lower().startswith("key=")]
+
+
+def test_help_examples_are_valid_overrides():
+    """The --help text's --set examples resolve and build their stage config (issue 13.8: model.backbone)."""
+    from pneumomap.stages.base import make_config
+
+    examples = _help_sets()
+    assert any(s.startswith("model.backbones=") for s in examples), examples
+    for item in examples:
+        if item.startswith("encoder_from="):
+            recipes.resolve("mapper_whole", None, [item])
+            continue
+        recipe = recipes.resolve("classifier", None, [item])
+        make_config("classifier", recipes.model_config("classifier", recipe))
+
+
+def test_model_keys_are_checked_with_the_closest_name(capsys):
+    with pytest.raises(recipes.RecipeError, match=r"unknown recipe key 'model.backbone'.*did you mean 'model.backbones'"):
+        recipes.resolve("classifier", None, ["model.backbone=convnext_tiny"])
+    with pytest.raises(recipes.RecipeError, match=r"model.backbones: expected a list"):
+        recipes.resolve("classifier", None, ["model.backbones=convnext_tiny"])
+    with pytest.raises(recipes.RecipeError, match=r"unknown recipe key 'model.decoder_channel'.*'model.decoder_channels'"):
+        recipes.resolve("mapper_whole", None, ["encoder_from=x", "model.decoder_channel=[8, 8]"])
+    recipes.resolve("mapper_whole", "tiny", ["encoder_from=x"])  # the tiny recipe's model keys are the mapper's
+    from pneumomap.cli import main
+
+    assert main(["train", "classifier", "--data", "x", "--out", "y", "--set", "model.backbone=convnext_tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'model.backbones'" in err
+
+
+def test_three_class_takes_the_loss_that_fits(capsys):
+    """`--set target=three_class` alone trains with cross-entropy; a loss that does not fit is one line."""
+    recipe = recipes.resolve("classifier", None, ["target=three_class"])
+    assert recipe["loss"] == "ce"
+    from pneumomap.train.losses import MultiClassLoss
+
+    assert isinstance(make_loss(recipe), MultiClassLoss)
+    assert recipes.resolve("classifier", None, ["target=three_class", "loss=focal"])["loss"] == "focal"
+    assert recipes.resolve("classifier", None, [])["loss"] == "bce"
+    with pytest.raises(recipes.RecipeError, match=r"'loss': 'bce' does not fit target 'three_class'; use ce \| focal"):
+        recipes.resolve("classifier", None, ["target=three_class", "loss=bce"])
+    with pytest.raises(recipes.RecipeError, match=r"'loss': 'ce' does not fit target 'binary'"):
+        recipes.resolve("classifier", None, ["loss=ce"])
+    with pytest.raises(recipes.RecipeError, match=r"'loss': 'dice' does not fit stage regressor_left"):
+        recipes.resolve("regressor_left", None, ["loss=dice"])
+    with pytest.raises(recipes.RecipeError, match=r"class_weights.*a list of 3"):
+        recipes.resolve("classifier", None, ["target=three_class", "class_weights=[1, 2]"])
+    from pneumomap.cli import main
+
+    assert main(["train", "classifier", "--data", "x", "--out", "y", "--set", "target=three_class",
+                 "--set", "loss=bce"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -181,3 +181,43 @@ def test_cli(tuned, monkeypatch, tmp_path, capsys):
     assert cli_main(["tune", "--pipeline", str(tuned["pipeline"]), "--val", str(tmp_path / "nothing"),
                      "--out", str(out)]) == 1
     assert "pneumomap tune: error" in capsys.readouterr().err
+
+
+def _saturated(monkeypatch, tuned) -> list[str]:
+    """Stored outputs whose validation negatives all score exactly 1.0 (a saturated classifier); returns their ids."""
+    dataset = load_rsna(tuned["root"] / "rsna")
+    real = tune.stored_outputs
+
+    def saturated(*args, **kwargs):
+        stored, ran = real(*args, **kwargs)
+        return [{**s, "classifier": 1.0} if not dataset.target[s["image_id"]] else s for s in stored], ran
+
+    monkeypatch.setattr(tune, "stored_outputs", saturated)
+    return [pid for pid in dataset.ids if not dataset.target[pid]]
+
+
+def test_achieved_tnr_is_reported(tuned):
+    result = tuned["result"]
+    assert result["achieved_tnr"] >= result["target_tnr"]
+    assert f"(achieved {result['achieved_tnr']:.4g})" in tuned["out"].read_text()
+
+
+def test_saturated_negatives_miss_the_target_tnr_with_a_warning(tuned, monkeypatch, tmp_path, capsys):
+    """The gate threshold cannot exceed 1.0: negatives at 1.0 pass it, and the shortfall is reported, not silent."""
+    negatives = _saturated(monkeypatch, tuned)
+    _no_network(monkeypatch)
+    with pytest.warns(UserWarning, match=r"true-negative rate on the \d+ validation negatives is 0, below the target 0.5"
+                      ) as caught:
+        result = tune.tune(tuned["pipeline"], tuned["root"] / "rsna", tmp_path / "t.yaml", work=tuned["work"], **FAST)
+    assert len([w for w in caught if "validation negatives" in str(w.message)]) == 1
+    assert result["thresholds_after"]["classifier"] == 1.0
+    assert result["achieved_tnr"] == 0.0 and result["n_negatives"] == len(negatives)
+    assert "(achieved 0)" in (tmp_path / "t.yaml").read_text()
+    assert json.loads((tmp_path / "t.tune.json").read_text())["achieved_tnr"] == 0.0
+    args = ["tune", "--pipeline", str(tuned["pipeline"]), "--val", str(tuned["root"] / "rsna"),
+            "--out", str(tmp_path / "cli.yaml"), "--split", "all", "--target-tnr", "0.5", "--device", "cpu",
+            "--work", str(tuned["work"])]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr()
+    assert "true-negative rate 0 on the validation negatives (target 0.5)" in printed.out
+    assert printed.err.count("pneumomap tune: warning: the classifier gate's true-negative rate") == 1

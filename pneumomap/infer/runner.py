@@ -237,6 +237,7 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
 
     wanted = _with_sources(pipeline, names)
     models: dict[str, Any] = {}
+    encoder_hashes: dict[str, str] = {}  # source node -> encoder_sha256 of its member-0 encoder
     for node in pipeline.model_nodes:
         if node.name not in wanted:
             continue
@@ -256,16 +257,46 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
             except ValueError as exc:
                 raise RunError(f"nodes.{node.name}.params.positive: {exc} ({node.checkpoint})") from None
         if node.type == "mapper":
-            try:
-                stage.attach_encoder(models[node.inputs[0]])
-            except ValueError as exc:
-                raise RunError(f"nodes.{node.name}: cannot decode the encoder of '{node.inputs[0]}': {exc}") from None
+            _attach_mapper(pipeline, node, stage, models[node.inputs[0]], encoder_hashes)
         models[node.name] = for_inference(stage, device)
     from pneumomap.stages.inference import optimize_for_inference
 
     for name in models:  # after every mapper has attached to the eager encoder it decodes
         optimize_for_inference(models[name], device)
     return models
+
+
+def _attach_mapper(pipeline: Pipeline, node: Node, mapper: Any, source: Any, encoder_hashes: dict[str, str]) -> None:
+    """Attach a mapper node's stage to its source's encoder: refused (`RunError` naming both checkpoints
+    and the fix) unless it is the encoder the decoder was trained on or the node has
+    ``params: {allow_other_encoder: true}`` (then one warning)."""
+    import warnings
+
+    from pneumomap.stages.mapper import EncoderMismatchError, encoder_sha256
+
+    name = node.inputs[0]
+    source_checkpoint = pipeline.nodes[name].checkpoint
+    if name not in encoder_hashes:
+        encoder_hashes[name] = encoder_sha256(source.encoder)
+    allow = bool(node.params.get("allow_other_encoder", False))
+    try:
+        same = mapper.attach_encoder(source, allow_other_encoder=allow, source_sha256=encoder_hashes[name])
+    except EncoderMismatchError as exc:
+        stage = "mapper_whole" if mapper.config.source == "classifier" else f"mapper_{mapper.config.side}"
+        raise RunError(
+            f"nodes.{node.name}: the mapper {node.checkpoint} was trained on another encoder than the one of "
+            f"'{name}' ({source_checkpoint}): {exc}. Its decoder would read features it never saw (the "
+            f"'{name}' stage was retrained?). Retrain the mapper on this encoder (`pneumomap train {stage} "
+            f"--data DATA --out RUN --set encoder_from={source_checkpoint}`) and point the node at RUN, point "
+            f"nodes.{name} at the checkpoint the mapper was trained with, or set `params: {{allow_other_encoder: "
+            f"true}}` on nodes.{node.name} to decode it anyway") from None
+    except ValueError as exc:
+        raise RunError(f"nodes.{node.name}: cannot decode the encoder of '{name}': {exc}") from None
+    if not same:
+        warnings.warn(f"nodes.{node.name}: the mapper {node.checkpoint} decodes the encoder of '{name}' "
+                      f"({source_checkpoint}, sha256 {encoder_hashes[name][:12]}), not the one its decoder was trained "
+                      f"on (sha256 {mapper.trained_encoder_sha256()[:12]}): allowed by params.allow_other_encoder",
+                      UserWarning, stacklevel=3)
 
 
 def _with_sources(pipeline: Pipeline, names: set[str]) -> set[str]:

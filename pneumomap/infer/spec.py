@@ -56,7 +56,9 @@ STAGES: dict[str, NodeDef] = {
     "regressor": NodeDef((Role("image", (IMAGE,)), Role("lungs", ("lungs",))), "extent",
                          {"side": Param("enum", choices=("right", "left"), required=True)},
                          help="opacity extent of one lung"),
-    "mapper": NodeDef((Role("encoder", ("probability", "extent")),), "map", {},
+    "mapper": NodeDef((Role("encoder", ("probability", "extent")),), "map",
+                      {"allow_other_encoder": Param("bool", help="decode the input node's encoder even when it is "
+                                                    "not the one the mapper was trained on (one warning)")},
                       help="opacity map decoded from the frozen encoder of its input node"),
 }
 CHECKPOINT_FILES = ("config.yaml", "weights.safetensors")
@@ -306,7 +308,7 @@ def _resolve_params(where: str, params: Any, definition: NodeDef, thresholds: di
             if param.required:
                 errors.add(f"{where}.{key}", "missing required parameter",
                            f"add `{key}: ...` ({param.kind}" + (f" in [{param.low}, {param.high}])" if param.low is not None else ")"))
-            else:
+            elif param.default is not None:  # no default: the key stays absent unless given
                 out[key] = copy.deepcopy(param.default)
     return out
 

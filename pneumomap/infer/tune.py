@@ -12,7 +12,10 @@ image-level-classifications.csv (the images then come from ``--images``).
    (`runner.RunOptions(ungated=True)`). When ``--work`` already holds every model output of these
    images and checkpoints, no network runs at all: a re-tune takes seconds.
 2. Sets ``thresholds.classifier`` at the target true-negative rate on the validation negatives
-   (`metrics.threshold_at_tnr` on their stored probabilities), a policy rather than a search.
+   (`metrics.threshold_at_tnr` on their stored probabilities), a policy rather than a search. The
+   threshold stays at most 1.0, so negatives that score 1.0 always pass the gate: the rate achieved
+   is reported (``achieved_tnr``, the header, the command's output) with a warning when it falls
+   below the target.
 3. Searches the other numbers by coordinate descent over small grids (a few rounds, until no step
    helps): the extent thresholds, the over-estimation level threshold, dilate and raise for the low
    and high levels, and the clip values (low, high, outside). Each step keeps the current value
@@ -44,6 +47,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,11 +329,31 @@ def stored_outputs(pipeline: Pipeline, paths: list[Path], work: Path, options: r
 
 
 def classifier_threshold(stored: list[dict], negatives: Sequence[bool], probability: str, target_tnr: float) -> float:
-    """`metrics.threshold_at_tnr` on the negatives' stored probabilities (at most 1.0)."""
+    """`metrics.threshold_at_tnr` on the negatives' stored probabilities, at most 1.0 (the gate's range):
+    negatives that score 1.0 pass even that, so the achieved rate can fall short (`achieved_tnr`)."""
     scores = [float(s[probability]) for s, neg in zip(stored, negatives) if neg]
     if not scores:
         raise TuneError("no negative image among the tuning images: cannot set the classifier at a true-negative rate")
     return min(metrics.threshold_at_tnr(scores, target_tnr), 1.0)
+
+
+def achieved_tnr(stored: list[dict], negatives: Sequence[bool], probability: str, threshold: float) -> float:
+    """The fraction of the negatives that the gate stops at ``threshold`` (score < threshold)."""
+    scores = np.asarray([float(s[probability]) for s, neg in zip(stored, negatives) if neg], dtype=np.float64)
+    return float(np.mean(scores < threshold)) if scores.size else float("nan")
+
+
+def tnr_shortfall(result: dict) -> str | None:
+    """A warning when the tuned gate stops fewer validation negatives than ``--target-tnr`` asked, else None."""
+    tnr = result.get("achieved_tnr")
+    if tnr is None or tnr >= result["target_tnr"] - 1e-9:  # (count / n against the target, to rounding)
+        return None
+    passing = result["n_negatives"] - round(tnr * result["n_negatives"])
+    return (f"the classifier gate's true-negative rate on the {result['n_negatives']} validation negatives is "
+            f"{tnr:.4g}, below the target {result['target_tnr']:.4g}: {passing} negative(s) score "
+            f">= {result['thresholds_after']['classifier']:.6g} and the threshold cannot go above 1.0 (the "
+            "classifier saturates on them); their maps are computed as positives. Retrain or recalibrate the "
+            "classifier, or accept the lower rate")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -375,7 +399,8 @@ def _header(result: dict) -> list[str]:
     names = ", ".join(result["searched"])
     return [
         f"tuned by `pneumomap tune` on {result['date']}; only the thresholds block below was changed.",
-        f"classifier: at {result['target_tnr']:.4g} true-negative rate on {result['n_negatives']} validation negatives;",
+        f"classifier: at {result['target_tnr']:.4g} true-negative rate on {result['n_negatives']} validation negatives"
+        + ("" if result.get("achieved_tnr") is None else f" (achieved {result['achieved_tnr']:.4g})") + ";",
         f"searched (coordinate descent over grids): {names}.",
         f"data: {result['val_dir']}, split {result['split'] or 'all'}, {result['n_images']} images; "
         f"truth: {result['truth']}.",
@@ -469,12 +494,14 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
                       | {after["classifier"], before["classifier"]})
         curves["classifier"] = sweep(evaluator, pipeline, after, CLASSIFIER, grid)
     paths = [a.path for a in axes] + ([CLASSIFIER] if has_path(before, CLASSIFIER) else [])
+    tnr = (achieved_tnr(stored, negatives, pipeline.outputs.probability, after["classifier"])
+           if has_path(after, CLASSIFIER) else None)
     result = {
         "metric_before": metric_before, "metric_start": metric_start, "metric_after": metric_after,
         "thresholds_before": before, "thresholds_after": after,
         "parameters_before": _flat(before, paths), "parameters_after": _flat(after, paths),
         "searched": [a.name for a in axes], "n_images": len(stored), "n_negatives": int(sum(negatives)),
-        "n_failed": len(paths) - len(stored), "target_tnr": target_tnr, "split": split,
+        "n_failed": len(paths) - len(stored), "target_tnr": target_tnr, "achieved_tnr": tnr, "split": split,
         "val_dir": str(Path(val_dir).resolve()), "pipeline": str(pipeline_path.resolve()),
         "out": str(out_path.resolve()), "json": str(out_path.with_suffix(".tune.json").resolve()),
         "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
@@ -484,6 +511,9 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
         "curves": {k: {"values": c.values, "metrics": c.metrics} for k, c in curves.items()},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    shortfall = tnr_shortfall(result)
+    if shortfall:
+        warnings.warn(shortfall, UserWarning, stacklevel=2)
     write_tuned(pipeline, out_path, after, _header(result))
     result["plot_files"] = [str(p) for p in write_plots(result, plots)]
     result["seconds"] = {"run": round(run_seconds, 3), "total": round(time.perf_counter() - started, 3)}
@@ -539,18 +569,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        result = tune(args.pipeline, args.val, args.out, target_tnr=args.target_tnr,
-                      split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
-                      device=args.device, metric=args.metric, truth_def=args.truth_def, box_level=args.box_level,
-                      pos_weight=args.pos_weight, neg_weight=args.neg_weight, images=args.images,
-                      rounds=args.rounds, batch_size=args.batch_size,
-                      workers=args.workers, precision=args.precision)
+        with warnings.catch_warnings():  # printed below as one line
+            warnings.filterwarnings("ignore", message="the classifier gate's true-negative rate", category=UserWarning)
+            result = tune(args.pipeline, args.val, args.out, target_tnr=args.target_tnr,
+                          split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
+                          device=args.device, metric=args.metric, truth_def=args.truth_def, box_level=args.box_level,
+                          pos_weight=args.pos_weight, neg_weight=args.neg_weight, images=args.images,
+                          rounds=args.rounds, batch_size=args.batch_size,
+                          workers=args.workers, precision=args.precision)
     except (TuneError, runner.RunError, ValueError, OSError) as error:  # PipelineError, SubmissionError are ValueErrors
         print(f"pneumomap tune: error: {error}", file=sys.stderr)
         return 1
     print(f"tuned on {result['n_images']} images ({'networks ran' if result['ran_networks'] else 'stored outputs'}, "
           f"{result['evaluations']} evaluations, {result['seconds']['total']:.1f} s)")
     print(f"{result['metric_name']}: {result['metric_before']:.5f} before -> {result['metric_after']:.5f} after")
+    if result["achieved_tnr"] is not None:
+        print(f"classifier gate: true-negative rate {result['achieved_tnr']:.4g} on the validation negatives "
+              f"(target {result['target_tnr']:.4g})")
+    shortfall = tnr_shortfall(result)
+    if shortfall:
+        print(f"pneumomap tune: warning: {shortfall}", file=sys.stderr)
     for name, value in result["parameters_after"].items():
         old = result["parameters_before"][name]
         print(f"  {name:<28} {old!s:>12} -> {value}")

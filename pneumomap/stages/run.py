@@ -13,6 +13,8 @@ at the model's input size. Stages on lung halves (regressor, mapper with source 
 need the lungs: --lungs DIR (a lungs checkpoint) or --fixed-crops (the fixed lung-region
 crops: rows 15-90 %, columns 20-80 %, split at the middle). The patient's right lung is on
 the image's LEFT. Unreadable images are listed in OUT/failures.csv and make the exit status 1.
+A mapper runs on the encoder stored in its checkpoint, the one its decoder was trained on (checked
+against the hash its training recorded).
 
 Example:  pneumomap stage classifier --checkpoint runs/classifier/best --input images/ --out out/
 """
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     expected = "classifier" if args.kind.startswith("gradcam") else args.kind
     if stage.kind != expected:
         raise ValueError(f"{args.checkpoint} holds a {stage.kind!r} stage; '{args.kind}' needs a {expected!r} checkpoint")
+    if stage.kind == "mapper":
+        _check_mapper_encoder(stage, args.checkpoint)
     on_halves = stage.kind == "regressor" or (stage.kind == "mapper" and stage.config.source == "regressor")
     lungs = None
     if on_halves:
@@ -119,6 +123,19 @@ def run(args: argparse.Namespace) -> int:
               f"listed in {args.out / 'failures.csv'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_mapper_encoder(stage: Any, checkpoint: Path) -> None:
+    """A mapper runs here on the encoder stored in its checkpoint: refuse one that is not the encoder
+    its decoder was trained on (the hash recorded at training, `Mapper.verify_stored_encoder`)."""
+    from pneumomap.stages.mapper import EncoderMismatchError
+
+    try:
+        stage.verify_stored_encoder()
+    except EncoderMismatchError as exc:
+        raise ValueError(f"{checkpoint}: {exc}; this checkpoint's encoder was replaced after training: use the "
+                         "checkpoint its training run wrote, or retrain the mapper (`pneumomap train mapper_* "
+                         "--set encoder_from=...`)") from None
 
 
 def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -2,7 +2,8 @@
 
 Stages (the pipeline's model nodes):
   lungs             U-Net lung segmentation; target DATA/lung_masks
-  classifier        whole-image pneumonia classifier; target RSNA Target (--set target=three_class: detailed class)
+  classifier        whole-image pneumonia classifier; target RSNA Target (--set target=three_class: the detailed
+                    class, with the ce loss unless --set loss=focal)
   regressor_right   extent regressor on the patient's right lung-half crop; target area(boxes & lung)/area(lung)
   regressor_left    the same for the left lung
   mapper_whole      opacity-map decoder over the classifier's FROZEN encoder (--set encoder_from=RUN/best)
@@ -10,14 +11,16 @@ Stages (the pipeline's model nodes):
   mapper_left       the same for the left lung
 Recipes: the reference defaults (DESIGN.md "Training") live in pneumomap/train/recipes/<stage>.yaml
 (shared keys in common.yaml); --recipe FILE or a recipe name (tiny = small backbones, 128 px, for
-CPU tests and the demo) overrides them, and --set key=value overrides any key.
+CPU tests and the demo) overrides them, and --set key=value overrides any key (model.KEY: a field of
+the stage's config, e.g. model.backbones, model.input_size, model.pretrained; an unknown key is an error
+that names the closest one).
 Output: OUT/best (the checkpoint a pipeline.yaml points at), OUT/last (+ training state for
 --resume), OUT/history.json, OUT/history.csv, OUT/loss_curve.png, OUT/recipe.yaml.
 Several processes: torchrun --nproc_per_node N -m pneumomap train STAGE ... (DDP; gloo on CPU, NCCL on CUDA).
 
 Examples:
   pneumomap train lungs --data rsna/ --out runs/lungs
-  pneumomap train classifier --data rsna/ --out runs/cls --set epochs=12 --set model.backbone=convnext_tiny
+  pneumomap train classifier --data rsna/ --out runs/cls --set epochs=12 --set 'model.backbones=[convnext_tiny]'
   pneumomap train mapper_whole --data rsna/ --out runs/map --set encoder_from=runs/cls/best
   pneumomap train classifier --data rsna/ --out runs/cls --resume
 """
@@ -37,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory of this training run")
     parser.add_argument("--recipe", help="a recipe YAML file (partial: only the keys it changes) or a recipe name, e.g. tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key (repeatable; dotted for model keys, e.g. model.backbone=resnet10t)")
+                        help="override a recipe key (repeatable; dotted for the stage config's keys, "
+                        "e.g. 'model.backbones=[resnet10t]')")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last: epoch count, optimiser and schedule")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, honouring LOCAL_RANK), cpu, cuda, cuda:1")
 
@@ -70,12 +74,14 @@ def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: b
 
 
 def main(args: argparse.Namespace) -> int:
+    from pneumomap.stages.base import ConfigError
+
     try:
         recipe = resolve(args.stage, args.recipe, args.overrides)
-    except RecipeError as exc:
+        summary = train(args.stage, args.data, args.out, recipe, args.resume, args.device)
+    except (RecipeError, ConfigError) as exc:  # a recipe or stage config that cannot be used: one line
         print(f"pneumomap train: {exc}", file=sys.stderr)
         return 2
-    summary = train(args.stage, args.data, args.out, recipe, args.resume, args.device)
     from pneumomap.train import ddp
 
     if ddp.is_main():

@@ -2,7 +2,10 @@
 
 Resolution order (later wins): ``recipes/common.yaml`` <- ``recipes/<stage>.yaml`` (DESIGN.md's
 table) <- ``--recipe FILE`` (or a named recipe such as ``tiny`` = ``recipes/tiny/<stage>.yaml``)
-<- ``--set``. Only keys of the first two layers exist; anything else fails with the closest name.
+<- ``--set``. Only keys of the first two layers exist; anything else fails with the closest name,
+``model.*`` keys included (the fields of the stage's config, e.g. ``model.backbones``).
+The loss follows the classifier's target unless set: ``target=three_class`` alone takes ``ce``;
+a loss that does not fit the target or the stage is an error.
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def parse_set(items: list[str]) -> dict:
-    """['a=1', 'model.backbone=resnet10t'] -> nested dict; values parsed as YAML scalars/lists."""
+    """['a=1', 'model.backbones=[resnet10t]'] -> nested dict; values parsed as YAML scalars/lists."""
     result: dict = {}
     for item in items or []:
         if "=" not in item:
@@ -134,10 +137,17 @@ def _parse_value(text: str):
 def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None = None) -> dict:
     """The full recipe of a training run; raises RecipeError naming a bad key or value."""
     resolved = defaults(stage)
+    given: set[str] = set()  # top-level keys set by the user (recipe file or --set)
     if recipe:
         path = recipe_path(stage, recipe)
-        _merge(resolved, _load_yaml(path), str(path))
-    _merge(resolved, parse_set(overrides or []), "--set")
+        update = _load_yaml(path)
+        _merge(resolved, update, str(path))
+        given |= set(update)
+    update = parse_set(overrides or [])
+    _merge(resolved, update, "--set")
+    given |= set(update)
+    if "loss" not in given and resolved.get("target") in DEFAULT_LOSS:
+        resolved["loss"] = DEFAULT_LOSS[resolved["target"]]  # the loss that fits the target
     validate(stage, resolved)
     return resolved
 
@@ -149,6 +159,59 @@ _CHOICES = {
     "cache": ("auto", True, False),
 }
 _POSITIVE = ("epochs", "batch_size", "accumulate")
+DEFAULT_LOSS = {"binary": "bce", "three_class": "ce"}  # the classifier's loss per target when not set
+_LOSSES = {"binary": ("bce", "focal"), "three_class": ("ce", "focal"),  # classifier, by target
+           "regressor": ("mse_mae",), "mapper": ("dice",), "lungs": ("dice",)}
+
+
+def model_config(stage: str, recipe: dict) -> dict:
+    """The stage config a recipe builds (``model`` plus what the stage and target imply): a regressor's
+    side, a three-class classifier's classes. Mappers: the overrides of `Mapper.from_source`."""
+    from pneumomap.labels import CLASSES
+
+    spec = stage_spec(stage)
+    config = dict(recipe["model"])
+    if spec.kind == "regressor":
+        config.setdefault("side", spec.side)
+    if spec.kind == "classifier" and recipe.get("target") == "three_class":
+        config.setdefault("n_classes", len(CLASSES))
+        config.setdefault("class_names", list(CLASSES))
+    return config
+
+
+def _validate_model(stage: str, recipe: dict) -> None:
+    """``model.*``: known fields of the stage config (closest name suggested) with fitting values."""
+    import dataclasses
+
+    from pneumomap.stages.base import ConfigError, make_config, stage_class
+
+    spec = stage_spec(stage)
+    fields = [f.name for f in dataclasses.fields(stage_class(spec.kind).config_class)]
+    for key in recipe["model"]:
+        if key not in fields:
+            raise RecipeError(f"unknown recipe key 'model.{key}'{_closest(f'model.{key}', [f'model.{f}' for f in fields])}; "
+                              f"the {spec.kind} config's keys: {', '.join(fields)}")
+    if spec.kind == "mapper":  # the rest comes from the encoder_from checkpoint (Mapper.from_source)
+        return
+    try:
+        make_config(spec.kind, model_config(stage, recipe), where="model")
+    except ConfigError as exc:
+        raise RecipeError(f"recipe key {exc}") from None
+
+
+def _validate_loss(stage: str, recipe: dict) -> None:
+    spec = stage_spec(stage)
+    fits = spec.kind if spec.kind != "classifier" else recipe.get("target", "binary")
+    if fits in _LOSSES and recipe["loss"] not in _LOSSES[fits]:
+        what = f"target {fits!r}" if spec.kind == "classifier" else f"stage {stage}"
+        raise RecipeError(f"recipe key 'loss': {recipe['loss']!r} does not fit {what}; use {' | '.join(_LOSSES[fits])}"
+                          + (" (or leave loss unset)" if fits in DEFAULT_LOSS else ""))
+    weights = recipe.get("class_weights")
+    if spec.kind == "classifier" and weights is not None:
+        n = 2 if fits == "binary" else int(model_config(stage, recipe)["n_classes"])
+        if not isinstance(weights, list) or len(weights) != n:
+            raise RecipeError(f"recipe key 'class_weights': {weights!r}; target {fits!r} takes a list of {n} "
+                              + ("[w_negative, w_positive]" if n == 2 else "weights, one per class"))
 
 
 def validate(stage: str, recipe: dict) -> None:
@@ -167,6 +230,8 @@ def validate(stage: str, recipe: dict) -> None:
     spec = stage_spec(stage)
     if spec.kind == "mapper" and not recipe.get("encoder_from"):
         raise RecipeError(f"stage {stage}: set the borrowed encoder, e.g. --set encoder_from=runs/{spec.source}/best")
+    _validate_model(stage, recipe)
+    _validate_loss(stage, recipe)
 
 
 def dump(recipe: dict) -> str:

@@ -12,7 +12,7 @@ from pneumomap import metrics
 from pneumomap.labels import CLASSES, POSITIVE_CLASS
 from pneumomap.stages import create_stage, load_stage
 from pneumomap.train.losses import make_loss
-from pneumomap.train.recipes import StageSpec, stage_spec
+from pneumomap.train.recipes import RecipeError, StageSpec, model_config, stage_spec
 
 
 class Task:
@@ -26,13 +26,7 @@ class Task:
 
     # ---- model
     def build(self) -> nn.Module:
-        config = dict(self.recipe["model"])
-        if self.spec.kind == "regressor":
-            config.setdefault("side", self.spec.side)
-        if self.recipe.get("target") == "three_class":
-            config.setdefault("n_classes", len(CLASSES))
-            config.setdefault("class_names", list(CLASSES))
-        return create_stage(self.spec.kind, config)
+        return create_stage(self.spec.kind, model_config(self.stage, self.recipe))
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -82,7 +76,9 @@ class Task:
 
 
 class MapperTask(Task):
-    """A decoder over the frozen encoder of a trained classifier / regressor (``encoder_from``)."""
+    """A decoder over the frozen encoder of a trained classifier / regressor (``encoder_from``); the
+    mapper's config records that encoder's `encoder_sha256` (`Mapper.from_source`), which a pipeline
+    compares with its source node's encoder at load."""
 
     def build(self) -> nn.Module:
         from pneumomap.stages.mapper import Mapper
@@ -91,7 +87,7 @@ class MapperTask(Task):
         source = load_stage(source_dir)
         wanted = stage_spec(self.spec.source)
         if source.kind != wanted.kind or getattr(source.config, "side", None) != wanted.side:
-            raise ValueError(f"encoder_from={source_dir}: holds a {source.kind!r} stage"
+            raise RecipeError(f"encoder_from={source_dir}: holds a {source.kind!r} stage"
                              f"{' (' + source.config.side + ')' if getattr(source.config, 'side', None) else ''}; "
                              f"{self.stage} decodes the encoder of {self.spec.source}")
         return Mapper.from_source(source, **self.recipe["model"])
