@@ -359,7 +359,11 @@ class _Runner:
         decode, needed = [], set()
         gated = {n.name for n in self.pipeline.model_nodes if n.when and not self.options.ungated}
         for item in items:
-            missing = {n.name for n in self.pipeline.model_nodes if not self.store.has(self.folder(n), item.image_id)}
+            # outputs stored for another version of the input file (its size and mtime in the meta record
+            # differ) are all missing: this one runs every node again
+            stale = self.store.load_json(art.META, item.image_id, item.signature) is None
+            missing = {n.name for n in self.pipeline.model_nodes
+                       if stale or not self.store.has(self.folder(n), item.image_id)}
             needed |= missing
             if missing - gated:
                 decode.append(item)
@@ -431,6 +435,9 @@ class _Runner:
             return
         outputs = self.compute(node, need)
         for st, output in zip(need, outputs):
+            if not np.isfinite(output).all():  # never a NaN in a CSV or a map
+                st.failure = f"{node.name}: the network's output is not finite (NaN or infinite)"
+                continue
             stored = art.quantize(output)
             self.store.save(self.folder(node), st.item.image_id, st.item.signature, stored)
             gated_out = node.when is not None and not st.values[node.when]
@@ -589,10 +596,20 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-def check_output(layout: submission.Layout, items: list[Item], description: Path | None = None) -> None:
-    """Fail early when the output or work folder cannot be written, or when the output folder holds
-    files a scorer would take for part of this submission (the organisers pair PNGs by sorted order)."""
+def check_output(layout: submission.Layout, items: list[Item], description: Path | None = None,
+                 inputs: str | Path | list | None = None) -> None:
+    """Fail early when the output or work folder cannot be written, lies in the input folder, or when
+    the output folder holds files a scorer would take for part of this submission (the organisers
+    pair PNGs by sorted order)."""
     from pneumomap.fileio import atomic_write_text
+
+    if isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
+        source = Path(inputs).resolve()
+        for flag, folder in (("--out", layout.out), ("--work", layout.work)):
+            target = folder.resolve()
+            if target == source or source in target.parents:
+                raise RunError(f"{flag} {folder}: is inside the input folder {inputs}; its maps would be read as "
+                               "inputs by the next run: write outside it")
 
     for flag, folder in (("--out", layout.out), ("--work", layout.work)):
         try:
@@ -621,9 +638,9 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     """Run the pipeline over ``inputs`` into ``out``; return the run summary (see module doc).
 
     Raises `RunError` (or `PipelineError`) before any image is processed when the pipeline,
-    a checkpoint, the inputs or the output folder is unusable.
+    a checkpoint, the inputs or the output folder is unusable, or another run writes there.
     """
-    from pneumomap.device import cpu_streams, decode_workers, resolve_device
+    from pneumomap.fileio import FolderLockedError, exclusive_lock
 
     options = options or RunOptions()
     pipeline = load(pipeline) if not isinstance(pipeline, Pipeline) else pipeline
@@ -635,8 +652,23 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
     if description is not None and layout.name != "midrc":
         raise RunError("--description: only the midrc layout holds an algorithm description")
     all_items = list_items(inputs)
-    check_output(layout, all_items, description)
+    check_output(layout, all_items, description, inputs)
     index, count = options.shard or sharding.from_environment()
+    with contextlib.ExitStack() as stack:  # one writer per shard: a second run is refused, not interleaved
+        try:
+            stack.enter_context(exclusive_lock(layout.work / f".pneumomap-{index}-of-{count}.lock",
+                                               f"--work {layout.work}"))
+        except FolderLockedError as exc:
+            raise RunError(str(exc)) from None
+        return _run_shard(pipeline, layout, options, all_items, (index, count), description)
+
+
+def _run_shard(pipeline: Pipeline, layout: submission.Layout, options: RunOptions, all_items: list[Item],
+               shard: tuple[int, int], description: Path | None) -> dict[str, Any]:
+    """`run` once the inputs are listed, the folders checked and locked."""
+    from pneumomap.device import cpu_streams, decode_workers, resolve_device
+
+    index, count = shard
     items = all_items[index::count]
     device = resolve_device(options.device)
     options = replace(options, precision=run_precision(device, options.precision))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import graphlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,8 @@ def load(path: str | Path, check_checkpoints: bool = True) -> Pipeline:
                                    " (hint: pass --pipeline with the path of a pipeline.yaml)"]) from None
     except yaml.YAMLError as exc:
         raise PipelineError(path, [f"not valid YAML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(path, [f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     return parse(raw, path, check_checkpoints=check_checkpoints)
 
 
@@ -254,6 +257,8 @@ def _check_value(param: Param, value: Any, where: str, errors: _Errors) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (param.kind == "int" and not isinstance(value, int)):
             want = "an integer" if param.kind == "int" else "a number"
             return bad(f"wrong type: expected {want}, got {_type_name(value)} {value!r}", f"write e.g. {param.default if param.default is not None else 0.5}")
+        if not math.isfinite(value):
+            return bad(f"not a finite number: {value!r}", f"write e.g. {param.default if param.default is not None else 0.5}")
         if (param.low is not None and value < param.low) or (param.high is not None and value > param.high):
             return bad(f"out of range: {value!r} is not in [{param.low}, {param.high}]",
                        f"use a value between {param.low} and {param.high}")
@@ -397,6 +402,10 @@ def parse(raw: Any, path: str | Path = "<pipeline>", check_checkpoints: bool = T
                        if kind == "stage" else "`when:` is for model nodes only", "remove it or name a gate node")
             when = None
         params = _resolve_params(f"{where}.params", body.get("params"), definition, thresholds, errors)
+        if definition.check is not None and None not in params.values():
+            problem = definition.check(params)
+            if problem:
+                errors.add(f"{where}.params", problem, "see the op's parameters in the README's pipeline.yaml reference")
         nodes[name] = Node(name, kind, type_, list(inputs), definition.output, params, checkpoint, when)
 
     order = _check_graph(nodes, raw_nodes, errors)
