@@ -138,6 +138,18 @@ def test_three_class_target(data, tmp_path):
     assert "val_auc" in summary["history"][-1]  # AUC of p(Lung Opacity) against Target
 
 
-def test_early_stopping(data, tmp_path):
-    summary = run("regressor_right", data, tmp_path / "stop", "epochs=5", "lr=0", "patience=1")
-    assert summary["epochs"] == 2 and summary["best_epoch"] == 1  # lr 0: nothing improves after epoch 1
+def test_early_stopping(data, tmp_path, monkeypatch):
+    """The validation MAE worsens after epoch 1 (set here, not left to BatchNorm's drift at lr 0)."""
+    from pneumomap.train import loop
+
+    evaluate, calls = loop.evaluate, []
+
+    def worsening(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        calls.append(1)
+        result["mae"] = 0.1 * len(calls)
+        return result
+
+    monkeypatch.setattr(loop, "evaluate", worsening)
+    summary = run("regressor_right", data, tmp_path / "stop", "epochs=5", "patience=1")
+    assert summary["epochs"] == 2 and summary["best_epoch"] == 1 and len(calls) == 2
