@@ -78,6 +78,11 @@ class Layout:
         """Files in ``out`` a scorer would take for part of this run's submission although they are not."""
         return []
 
+    def remove_tables(self) -> None:
+        """Delete the tables of an earlier run (before maps are rewritten: a killed run leaves no stale CSV)."""
+        for path in (self.probability_table([])[0], *(self.work / name for name in RUN_TABLES)):
+            path.unlink(missing_ok=True)
+
     def write_tables(self, records: Sequence[Any], rsna: bool) -> None:
         """The probability table into ``out``; decisions, failures (and RSNA boxes) into ``work``."""
         from pneumomap.fileio import atomic_write_text
@@ -231,13 +236,18 @@ def read_submission(folder: str | Path, work: str | Path | None = None) -> Submi
         probabilities, names = {}, {}
         for line, row in enumerate(read_csv(path, MIDRC_HEADER), start=2):
             image_id = Path(row["fileNamePath"]).stem
+            if image_id in probabilities:
+                raise SubmissionError(f"{path}:{line}: a second row for {row['fileNamePath']!r}")
             probabilities[image_id] = _number(path, line, row["score"])
             names[image_id] = row["fileNamePath"]
         return Submission(folder, layout, probabilities, names)
     if (folder / PNEUMOMAP_CSV).is_file():
         path = folder / PNEUMOMAP_CSV
-        rows = read_csv(path, ("image_id", "probability"))
-        probabilities = {r["image_id"]: _number(path, line, r["probability"]) for line, r in enumerate(rows, start=2)}
+        probabilities = {}
+        for line, row in enumerate(read_csv(path, ("image_id", "probability")), start=2):
+            if row["image_id"] in probabilities:
+                raise SubmissionError(f"{path}:{line}: a second row for {row['image_id']!r}")
+            probabilities[row["image_id"]] = _number(path, line, row["probability"])
         return Submission(folder, PneumomapLayout(folder, work), probabilities)
     raise SubmissionError(f"{folder}: neither {MIDRC_CSV} (the MIDRC layout) nor {PNEUMOMAP_CSV} (pneumomap's) "
                           "is there; pass the --out folder of `pneumomap infer`")

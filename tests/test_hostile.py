@@ -445,3 +445,60 @@ def test_refusals_name_the_file_and_the_problem(tiny, tmp_path):
         for word in words:
             assert word.lower() in message.lower(), (label, message)
         assert not (tmp_path / "out" / CSV).exists(), label
+
+
+def test_an_interrupted_rerun_leaves_no_stale_table(tiny, tmp_path, monkeypatch):
+    """New thresholds, the run killed midway: the old CSV must not stand beside the new maps."""
+    from pneumomap.infer import runner, spec
+
+    inputs = case(tiny, tmp_path)
+    assert infer(tiny, inputs, tmp_path / "out").returncode == 0
+    other = spec.load(tiny["pipeline"])
+    other = other.with_thresholds({**other.thresholds, "clip": {"low": 30, "high": 200, "outside": 3}})
+    finish, calls = runner._Runner.finish, []
+
+    def killed(self, st):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return finish(self, st)
+
+    monkeypatch.setattr(runner._Runner, "finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(other, inputs, tmp_path / "out", runner.RunOptions(format="midrc", workers=0, progress=False))
+    assert not (tmp_path / "out" / CSV).exists()
+    monkeypatch.undo()
+    runner.run(other, inputs, tmp_path / "out", runner.RunOptions(format="midrc", workers=0, progress=False))
+    assert_complete(inputs, tmp_path / "out")
+
+
+def test_hidden_files_and_symlinked_folders_are_counted(tiny, tmp_path, caplog):
+    from pneumomap.stages.reader import list_images
+
+    inputs = case(tiny, tmp_path)
+    shutil.copy2(tiny["good"][0], inputs / ".hidden.dcm")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy2(tiny["good"][1], tmp_path / "elsewhere" / "linked.dcm")
+    (inputs / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with caplog.at_level("WARNING", logger="pneumomap"):
+        found = list_images(inputs)
+    assert [p.name for p in found] == sorted(p.name for p in tiny["good"])
+    assert "skipped 1 hidden" in caplog.text and "1 symlinked folder" in caplog.text
+
+
+def test_a_colour_header_on_grey_data_reads_as_grey(tiny, tmp_path):
+    from pneumomap.stages.reader import read_image
+
+    path = edited_dicom(tiny["good"][0], tmp_path / "rgb_header.dcm", PhotometricInterpretation="RGB")
+    image = read_image(path)
+    grey = read_image(tiny["good"][0])
+    assert image.pixels.shape == grey.pixels.shape and np.array_equal(image.pixels, grey.pixels)
+    assert any("colour header on grey data" in f for f in image.meta.flags)
+
+
+def test_score_refuses_duplicate_rows(tiny, tmp_path):
+    from pneumomap.submission import SubmissionError, read_submission
+
+    (tmp_path / CSV).write_text("fileNamePath,score\na.dcm,0.5\nb.dcm,0.2\na.dcm,0.7\n")
+    with pytest.raises(SubmissionError, match=r":4: a second row for 'a.dcm'"):
+        read_submission(tmp_path)

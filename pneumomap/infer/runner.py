@@ -685,6 +685,8 @@ def _run_shard(pipeline: Pipeline, layout: submission.Layout, options: RunOption
             todo.append(item)
         else:
             records[item.index] = record
+    if todo:  # the tables are written anew at the end: until then none may stand beside newer maps
+        layout.remove_tables()
     decode, needed = runner.plan(todo)
     runner.whole_sizes = whole_image_sizes(pipeline, needed)
     batch_size = max(1, options.batch_size)

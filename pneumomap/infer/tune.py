@@ -586,6 +586,9 @@ def main(args: argparse.Namespace) -> int:
     if result["achieved_tnr"] is not None:
         print(f"classifier gate: true-negative rate {result['achieved_tnr']:.4g} on the validation negatives "
               f"(target {result['target_tnr']:.4g})")
+    if result["n_failed"]:
+        print(f"pneumomap tune: warning: {result['n_failed']} validation image(s) could not be read and were left "
+              f"out; see {Path(result['work']) / 'failures.csv'}", file=sys.stderr)
     shortfall = tnr_shortfall(result)
     if shortfall:
         print(f"pneumomap tune: warning: {shortfall}", file=sys.stderr)

@@ -179,9 +179,19 @@ def list_images(source: str | os.PathLike) -> list[Path]:
 
 
 def _walk(root: Path) -> Iterator[Path]:
+    """The files below ``root``; hidden entries and symlinked folders are skipped, and counted in one warning."""
+    hidden, linked = 0, 0
     for dirpath, dirnames, filenames in os.walk(root):
+        hidden += sum(d.startswith(".") for d in dirnames) + sum(f.startswith(".") for f in filenames)
+        linked += sum(os.path.islink(os.path.join(dirpath, d)) for d in dirnames if not d.startswith("."))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         yield from (Path(dirpath) / f for f in filenames if not f.startswith("."))
+    if hidden or linked:
+        import logging
+
+        logging.getLogger("pneumomap").warning(
+            "%s: skipped %d hidden file(s) or folder(s) (names starting with '.') and %d symlinked folder(s) "
+            "(not followed); list the images in a .txt file to include them", root, hidden, linked)
 
 
 def _looks_like_image(path: Path) -> bool:
@@ -265,6 +275,9 @@ def _read_dicom(path: Path) -> Radiograph:
         flags.append(f"multi_frame: {n_frames} frames, first frame used")
     if photometric in MONOCHROME:
         pixels = _correct_monochrome(frame, ds, photometric)
+    elif frame.ndim == 2:  # a colour header on one sample per pixel: the data are grey
+        pixels = _correct_monochrome(frame, ds, "MONOCHROME2")
+        flags.append(f"colour header on grey data: {photometric} with one sample per pixel, read as MONOCHROME2")
     else:
         pixels = _luminance(frame)
         flags.append(f"colour: {photometric} converted to luminance")
