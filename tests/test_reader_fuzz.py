@@ -67,13 +67,18 @@ def mutated(draw) -> tuple[str, bytes]:
     return name, bytes(data)
 
 
+TRIED = {"files": 0, "unreadable": 0, "peak": 0}
+
+
 def _check(tmp_path: Path, name: str, data: bytes) -> None:
+    TRIED["files"] += 1
     path = tmp_path / name
     path.write_bytes(data)
     tracemalloc.start()
     try:
         image = read_image(path)
     except UnreadableImageError as error:
+        TRIED["unreadable"] += 1
         assert str(error).startswith(str(path)) and error.reason
     else:
         assert image.pixels.dtype == np.float32 and image.pixels.ndim == 2
@@ -81,6 +86,7 @@ def _check(tmp_path: Path, name: str, data: bytes) -> None:
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
+        TRIED["peak"] = max(TRIED["peak"], peak)
     assert peak <= ALLOCATION_BOUND, f"{name}: {peak:,} bytes"
 
 
@@ -91,9 +97,11 @@ FUZZ = settings(max_examples=10_000_000, deadline=None, database=None, derandomi
 def _timed(test):
     """Run ``test`` (a hypothesis test) until SECONDS have passed."""
     def run(tmp_path):
-        stop = time.monotonic() + SECONDS
-        while time.monotonic() < stop:
+        start, before = time.monotonic(), dict(TRIED)
+        while time.monotonic() < start + SECONDS:
             test(tmp_path)
+        print(f"\n{test.__name__}: {TRIED['files'] - before['files']} files in {time.monotonic() - start:.0f} s, "
+              f"{TRIED['unreadable'] - before['unreadable']} unreadable, largest allocation {TRIED['peak']:,} bytes")
     return run
 
 
