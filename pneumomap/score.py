@@ -194,6 +194,7 @@ def _map_summary(rows: list[dict]) -> dict:
     negative = [r for r in rows if not r["opacity_pixels"]]
     return {
         "map_log_loss": _nanmean([r["map_log_loss"] for r in rows]),
+        "map_log_loss_ci95": list(metrics.bootstrap_interval([r["map_log_loss"] for r in rows])),
         "map_log_loss_positive": _nanmean([r["map_log_loss"] for r in positive]),
         "map_log_loss_negative": _nanmean([r["map_log_loss"] for r in negative]),
         "dice": _nanmean([r["dice"] for r in rows]),
@@ -249,7 +250,9 @@ def score_submission(pred_dir: str | Path, truth_dir: str | Path | Truth, *, thr
                     "threshold_source": source, "metric": map_metric.name, "metric_description": map_metric.describe(),
                     "split": split, **truth.describe(), "layout": sub.layout.name, "work": str(sub.layout.work),
                     "pos_weight": pos_weight, "neg_weight": neg_weight,
-                    "auc": metrics.roc_auc(y_true, y_score)}
+                    "auc": metrics.roc_auc(y_true, y_score),
+                    "auc_ci95": list(metrics.bootstrap_interval(
+                        np.column_stack([y_true, y_score]), lambda rows: metrics.roc_auc(rows[:, 0], rows[:, 1])))}
     result.update(metrics.classification_metrics(y_true, y_score, threshold))
     per_image = [{"image_id": pid, "target": int(t), "probability": float(s)}
                  for pid, t, s in zip(chosen, y_true, y_score)]
@@ -302,6 +305,9 @@ def format_table(result: dict) -> str:
         if result.get(key) is not None:
             value = result[key]
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            interval = result.get(f"{key}_ci95")
+            if interval and all(np.isfinite(interval)):
+                text += f"   95% bootstrap interval [{interval[0]:.4f}, {interval[1]:.4f}]"
             lines.append(f"{TABLE_NAMES.get(key, key):<24}{text}")
     (tn, fp), (fn, tp) = result["confusion_matrix"]
     lines += ["confusion matrix        pred 0  pred 1",

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from pneumomap import score
+from pneumomap import metrics, score
 from pneumomap.cli import main as cli_main
 from test_metrics import oracle_image_map, oracle_log_loss, organisers_wll
 
@@ -466,3 +466,27 @@ def test_metric_option_and_options_that_do_not_apply(case, organisers_case, tmp_
     assert cli_main(["score", "--pred", str(organisers_case["pred"]), "--truth", str(organisers_case["ref"]),
                      "--box-level", "1/3"]) == 0
     assert "--box-level applies to RSNA truth folders only" in capsys.readouterr().err
+
+
+def test_auc_interval_is_the_organisers():
+    """Their confidence_interval_generation (scoring.py), copied, against metrics.bootstrap_interval."""
+    from sklearn.metrics import roc_auc_score
+
+    def organisers(y, x):
+        bootstrapped_scores = []
+        rng = np.random.RandomState(42)
+        for _ in range(1000):
+            indices = rng.randint(0, len(x), len(x))
+            if len(np.unique(y[indices])) < 2:
+                continue
+            bootstrapped_scores.append(roc_auc_score(y[indices], x[indices]))
+        sorted_scores = np.array(bootstrapped_scores)
+        sorted_scores.sort()
+        return sorted_scores[int(0.025 * len(sorted_scores))], sorted_scores[int(0.975 * len(sorted_scores))]
+
+    rng = np.random.default_rng(5)
+    for n in (12, 60):
+        y = (rng.random(n) < 0.3).astype(int)
+        x = np.round(rng.random(n) + 0.4 * y, 2)  # ties too
+        ours = metrics.bootstrap_interval(np.column_stack([y, x]), lambda r: metrics.roc_auc(r[:, 0], r[:, 1]))
+        assert ours == pytest.approx(organisers(y, x), abs=1e-12)

@@ -221,3 +221,39 @@ def test_saturated_negatives_miss_the_target_tnr_with_a_warning(tuned, monkeypat
     printed = capsys.readouterr()
     assert "true-negative rate 0 on the validation negatives (target 0.5)" in printed.out
     assert printed.err.count("pneumomap tune: warning: the classifier gate's true-negative rate") == 1
+
+
+def test_cross_validation_reports_the_gain_to_expect(tuned, monkeypatch, tmp_path):
+    """--folds 3 on 12 images: every image held out once, the held-out losses are the pipeline's own
+    (a fold's thresholds scored on its images equal a direct evaluation), the in-sample gain is the
+    larger, and the header and JSON say both."""
+    from pneumomap.infer import tune_folds
+
+    _no_network(monkeypatch)
+    result = tune.tune(tuned["pipeline"], tuned["root"] / "rsna", tmp_path / "cv.yaml", work=tuned["work"],
+                       folds=3, **FAST)
+    cross, in_sample = result["cross_validation"], result["in_sample"]
+    assert cross["folds"] == 3 and sum(f["n_images"] for f in cross["per_fold"]) == 12
+    assert in_sample["before"] == pytest.approx(result["metric_before"], rel=1e-12)
+    assert in_sample["after"] == pytest.approx(result["metric_after"], rel=1e-12)
+    assert cross["before"] == pytest.approx(result["metric_before"], rel=1e-12)  # untuned: the same per image
+    assert in_sample["gain"] >= cross["gain"] - 1e-12  # the search saw those images
+    low, high = cross["gain_ci95"]
+    assert low <= cross["gain"] <= high
+    assert set(cross["chosen"]) == set(result["parameters_after"]) and all(len(v) == 3 for v in cross["chosen"].values())
+    header = (tmp_path / "cv.yaml").read_text()
+    assert "cross-validated (3 folds" in header and "in-sample:" in header
+    # a fold's held-out losses are what a direct evaluation of its thresholds gives
+    folds = tune_folds.fold_indices(12, 3, 0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(12))
+    assert tune_folds.default_folds(49) == 0 and tune_folds.default_folds(50) == 5
+    with pytest.raises(tune.TuneError, match="--folds 1"):
+        tune.tune(tuned["pipeline"], tuned["root"] / "rsna", tmp_path / "x.yaml", work=tuned["work"], folds=1, **FAST)
+
+
+def test_bootstrap_interval():
+    values = np.r_[np.zeros(50), np.ones(50)]
+    low, high = metrics.bootstrap_interval(values)
+    assert 0.35 < low < 0.5 < high < 0.65
+    assert metrics.bootstrap_interval(np.full(10, 2.0)) == (2.0, 2.0)
+    assert metrics.bootstrap_interval([]) != metrics.bootstrap_interval([])  # NaN, NaN

@@ -40,6 +40,7 @@ Python API: ``tune(pipeline_path, val_dir, out_path, ...) -> dict`` (the JSON's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
@@ -58,7 +59,7 @@ import numpy as np
 from pneumomap import metrics
 from pneumomap.fileio import atomic_write_text
 from pneumomap.infer.ops import MAP8_RANGE
-from pneumomap.infer import runner, spec
+from pneumomap.infer import runner, spec, tune_folds
 from pneumomap.infer.runner import MISSING, evaluate_op
 from pneumomap.infer.spec import IMAGE, Pipeline
 
@@ -406,6 +407,10 @@ def _header(result: dict) -> list[str]:
         f"truth: {result['truth']}.",
         f"{result['metric_name']}: {result['metric_before']:.5f} before (untuned thresholds) -> "
         f"{result['metric_after']:.5f} after (at the TNR classifier, before the search: {result['metric_start']:.5f}).",
+        _gain_line("in-sample", result["in_sample"]) + ".",
+        (_gain_line(f"cross-validated ({result['cross_validation']['folds']} folds, what to expect on new images)",
+                    result["cross_validation"]) + "." if result["cross_validation"] else
+         "not cross-validated (--folds 0, or fewer than 50 images): the in-sample gain overstates the real one."),
         f"source: {result['pipeline']}; details: {Path(result['json']).name}",
     ]
 
@@ -446,8 +451,8 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
          split: str | None = "val", work: str | Path | None = None, plots: str | Path | None = None,
          device: str = "auto", metric: str = "midrc", truth_def: str = "boxes_in_lungs", box_level: float = 1.0,
          pos_weight: float = 1.0, neg_weight: float = 1.0, images: str | Path | None = None,
-         rounds: int = 3, batch_size: int = 8, workers: int | None = None, precision: str = "auto",
-         progress: bool = True) -> dict:
+         rounds: int = 3, folds: int | None = None, batch_size: int = 8, workers: int | None = None,
+         precision: str = "auto", progress: bool = True) -> dict:
     """Tune ``pipeline_path`` on the truth ``val_dir`` (`truth.load_truth`: an RSNA folder, ``split``
     of it, None = every image; or reference maps, whose radiographs are in ``images``) into ``out_path``.
 
@@ -466,10 +471,10 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
         raise TuneError(f"--split {split}: a folder of reference maps has no splits ({val_dir}); tune on all of it")
     split = split if is_rsna_folder(val_dir) else None  # the default 'val' is an RSNA folder's split
     truth_source = load_truth(val_dir, split=split, truth_def=truth_def, box_level=box_level)
-    paths = _image_paths(truth_source, images)
+    image_paths = _image_paths(truth_source, images)
     options = runner.RunOptions(device=device, batch_size=batch_size, workers=workers, precision=precision,
                                 ungated=True, progress=progress)
-    stored, ran = stored_outputs(pipeline, paths, work, options)
+    stored, ran = stored_outputs(pipeline, image_paths, work, options)
     if not stored:
         raise TuneError(f"{val_dir}: no readable image" + (f" in split {split!r}" if split else ""))
     run_seconds = time.perf_counter() - started
@@ -496,12 +501,34 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     paths = [a.path for a in axes] + ([CLASSIFIER] if has_path(before, CLASSIFIER) else [])
     tnr = (achieved_tnr(stored, negatives, pipeline.outputs.probability, after["classifier"])
            if has_path(after, CLASSIFIER) else None)
+    everyone = tune_folds.Subset(evaluator, range(len(stored)))
+    in_sample = tune_folds.gain_summary(everyone.losses(pipeline), everyone.losses(pipeline.with_thresholds(after)))
+    k = tune_folds.default_folds(len(stored)) if folds is None else folds
+    if k == 1 or k > len(stored):
+        raise TuneError(f"--folds {k}: give 0 (no cross-validation) or 2 to {len(stored)} (the tuning images)")
+
+    def start_of(train: Sequence[int]) -> dict:
+        fold_start = copy.deepcopy(start)
+        if has_path(before, CLASSIFIER):
+            with contextlib.suppress(TuneError):  # no negative in these folds: the gate of all the data
+                fold_start["classifier"] = classifier_threshold([stored[i] for i in train],
+                                                                [negatives[i] for i in train],
+                                                                pipeline.outputs.probability, target_tnr)
+        return fold_start
+
+    cross = None
+    if k >= 2:
+        cross = tune_folds.cross_validate(
+            evaluator, pipeline, before, start_of,
+            lambda subset, fold_start: coordinate_descent(subset, pipeline, fold_start, axes, rounds, False)[0],
+            k, lambda thresholds: _flat(thresholds, paths))
     result = {
         "metric_before": metric_before, "metric_start": metric_start, "metric_after": metric_after,
         "thresholds_before": before, "thresholds_after": after,
         "parameters_before": _flat(before, paths), "parameters_after": _flat(after, paths),
         "searched": [a.name for a in axes], "n_images": len(stored), "n_negatives": int(sum(negatives)),
-        "n_failed": len(paths) - len(stored), "target_tnr": target_tnr, "achieved_tnr": tnr, "split": split,
+        "n_failed": len(image_paths) - len(stored), "target_tnr": target_tnr, "achieved_tnr": tnr, "split": split,
+        "in_sample": in_sample, "cross_validation": cross,
         "val_dir": str(Path(val_dir).resolve()), "pipeline": str(pipeline_path.resolve()),
         "out": str(out_path.resolve()), "json": str(out_path.with_suffix(".tune.json").resolve()),
         "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
@@ -514,6 +541,9 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     shortfall = tnr_shortfall(result)
     if shortfall:
         warnings.warn(shortfall, UserWarning, stacklevel=2)
+    doubt = gain_doubt(result)
+    if doubt:
+        warnings.warn(doubt, UserWarning, stacklevel=2)
     write_tuned(pipeline, out_path, after, _header(result))
     result["plot_files"] = [str(p) for p in write_plots(result, plots)]
     result["seconds"] = {"run": round(run_seconds, 3), "total": round(time.perf_counter() - started, 3)}
@@ -535,6 +565,23 @@ def _image_paths(truth: Any, images: str | Path | None) -> list[Path]:
     if missing:
         raise TuneError(f"--images {images}: no radiograph for {len(missing)} truth id(s): {', '.join(missing[:5])}")
     return [found[pid] for pid in truth.ids]
+
+
+def gain_doubt(result: dict) -> str | None:
+    """A warning when the cross-validated gain is not clearly positive (its 95% interval reaches 0)."""
+    cross = result.get("cross_validation")
+    if cross is None or tune_folds.clearly_positive(cross):
+        return None
+    low, high = cross["gain_ci95"]
+    return (f"the cross-validated gain is not clearly positive ({cross['gain']:+.4f}, 95% interval [{low:+.4f}, "
+            f"{high:+.4f}] over {cross['folds']} folds): the tuned thresholds may not beat the untuned ones on new "
+            "images; tune on more images or keep the untuned thresholds")
+
+
+def _gain_line(name: str, summary: dict) -> str:
+    low, high = summary["gain_ci95"]
+    return (f"{name}: {summary['before']:.5f} -> {summary['after']:.5f}, gain {summary['gain']:+.5f} "
+            f"(95% interval over images [{low:+.5f}, {high:+.5f}])")
 
 
 def _metric_name(map_metric: metrics.MapMetric) -> str:
@@ -560,6 +607,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (for the one network run)")
     add_metric_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
+    parser.add_argument("--folds", type=int, default=None, help="cross-validate the tuning over K folds to report "
+                        "the gain to expect on new images (default: 5 with at least 50 images, else 0 = none)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
     parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: as infer)")
     from pneumomap.infer.cli import add_precision_argument
@@ -571,11 +620,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():  # printed below as one line
             warnings.filterwarnings("ignore", message="the classifier gate's true-negative rate", category=UserWarning)
+            warnings.filterwarnings("ignore", message="the cross-validated gain", category=UserWarning)
             result = tune(args.pipeline, args.val, args.out, target_tnr=args.target_tnr,
                           split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
                           device=args.device, metric=args.metric, truth_def=args.truth_def, box_level=args.box_level,
                           pos_weight=args.pos_weight, neg_weight=args.neg_weight, images=args.images,
-                          rounds=args.rounds, batch_size=args.batch_size,
+                          rounds=args.rounds, folds=args.folds, batch_size=args.batch_size,
                           workers=args.workers, precision=args.precision)
     except (TuneError, runner.RunError, ValueError, OSError) as error:  # PipelineError, SubmissionError are ValueErrors
         print(f"pneumomap tune: error: {error}", file=sys.stderr)
@@ -583,6 +633,18 @@ def main(args: argparse.Namespace) -> int:
     print(f"tuned on {result['n_images']} images ({'networks ran' if result['ran_networks'] else 'stored outputs'}, "
           f"{result['evaluations']} evaluations, {result['seconds']['total']:.1f} s)")
     print(f"{result['metric_name']}: {result['metric_before']:.5f} before -> {result['metric_after']:.5f} after")
+    print(_gain_line("  in-sample", result["in_sample"]))
+    cross = result["cross_validation"]
+    if cross:
+        print(_gain_line(f"  cross-validated over {cross['folds']} folds", cross))
+        unstable = [f"{name} {s['min']:g}..{s['max']:g}" for name, s in cross["stability"].items() if s["distinct"] > 1]
+        if unstable:
+            print(f"  values chosen across the folds: {'; '.join(unstable)}")
+    else:
+        print("  not cross-validated (--folds 0, or fewer than 50 images): the in-sample gain overstates the real one")
+    doubt = gain_doubt(result)
+    if doubt:
+        print(f"pneumomap tune: warning: {doubt}", file=sys.stderr)
     if result["achieved_tnr"] is not None:
         print(f"classifier gate: true-negative rate {result['achieved_tnr']:.4g} on the validation negatives "
               f"(target {result['target_tnr']:.4g})")
