@@ -84,6 +84,36 @@ def test_schedule_decays_by_the_factor_per_epoch_smoothly():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
 
 
+def test_weighted_and_focal_losses_equal_their_formulas():
+    """Independent formulas at logits away from 0 (at 0 every weighting gives log 2): swapped or
+    ignored class weights, or a focal exponent applied to the wrong probability, change the numbers."""
+    import math
+
+    from pneumomap.train.losses import MultiClassLoss
+
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    p = 1 / (1 + torch.exp(-logits))
+    nll = -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
+    w = torch.where(target == 1, 10.0, 1.0)
+    assert float(BinaryLoss([1.0, 10.0])(logits, target)) == pytest.approx(float((w * nll).sum() / w.sum()), rel=1e-6)
+    assert float(BinaryLoss([10.0, 1.0])(logits, target)) != pytest.approx(float(BinaryLoss([1.0, 10.0])(logits, target)))
+    p_true = torch.where(target == 1, p, 1 - p)
+    focal = (1 - p_true) ** 2 * nll
+    assert float(BinaryLoss(gamma=2.0)(logits, target)) == pytest.approx(float(focal.mean()), rel=1e-6)
+
+    logits3 = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3], [-2.0, 1.0, 3.0]])
+    target3 = torch.tensor([0, 2, 1])
+    log_p = torch.log_softmax(logits3, dim=1)[torch.arange(3), target3]
+    weights = torch.tensor([1.0, 2.0, 5.0])[target3]
+    assert float(MultiClassLoss()(logits3, target3)) == pytest.approx(float(-log_p.mean()), rel=1e-6)
+    assert float(MultiClassLoss([1.0, 2.0, 5.0])(logits3, target3)) == pytest.approx(
+        float((weights * -log_p).sum() / weights.sum()), rel=1e-6)
+    focal3 = (1 - torch.exp(log_p)) ** 2 * -log_p
+    assert float(MultiClassLoss(gamma=2.0)(logits3, target3)) == pytest.approx(float(focal3.mean()), rel=1e-6)
+    assert math.isfinite(float(MultiClassLoss([1.0, 2.0, 5.0], gamma=1.0)(logits3, target3)))
+
+
 def test_losses():
     logits, target = torch.tensor([3.0, -3.0]), torch.tensor([1.0, 0.0])
     assert BinaryLoss()(logits, target) < BinaryLoss()(-logits, target)

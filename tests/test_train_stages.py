@@ -116,7 +116,7 @@ def test_corrupt_image_is_skipped_and_counted(data, tmp_path):
     assert summary["history"][-1]["skipped"] == 1
 
 
-def test_training_runs_plug_into_a_pipeline(trained, tmp_path):
+def test_training_runs_plug_into_a_pipeline(trained, data, tmp_path):
     from pneumomap.infer import spec
     from pneumomap.infer.tiny import write_pipeline
 
@@ -129,6 +129,27 @@ def test_training_runs_plug_into_a_pipeline(trained, tmp_path):
     nodes = {node.name: node for node in pipeline.model_nodes}
     for stage in ("classifier", "regressor_right", "regressor_left"):
         assert load_stage(nodes[stage].checkpoint).kind == recipes.STAGES[stage].kind
+
+    # and it runs: the tiny mappers were trained on other encoders, so the pipeline refuses them ...
+    import yaml
+
+    from pneumomap.infer import runner
+
+    images = sorted((data / "stage_2_train_images").glob("*.dcm"))[:3]
+    options = runner.RunOptions(device="cpu", workers=0, progress=False, artifacts=False)
+    with pytest.raises(runner.RunError, match="trained on another encoder"):
+        runner.run(pipeline, images, tmp_path / "refused", options)
+    # ... unless the mapper nodes opt in; then every image gets a finite probability and a map
+    raw = yaml.safe_load(path.read_text())
+    for name in ("mapper_whole", "mapper_right", "mapper_left"):
+        raw["nodes"][name]["params"] = {"allow_other_encoder": True}
+    raw["thresholds"]["classifier"] = 0.0  # every mapper runs
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.warns(UserWarning, match="allow_other_encoder"):
+        summary = runner.run(spec.load(path), images, tmp_path / "out", options)
+    assert summary["failures"] == 0 and summary["computed"]["mapper_whole"] == 3
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(0.0 <= float(r.split(",")[1]) <= 1.0 for r in rows)
 
 
 def test_three_class_target(data, tmp_path):
