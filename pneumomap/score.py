@@ -42,7 +42,7 @@ import numpy as np
 
 from pneumomap import metrics
 from pneumomap.fileio import atomic_write_bytes, atomic_write_text
-from pneumomap.submission import MIDRC_CSV, PNEUMOMAP_CSV, Submission, SubmissionError, read_csv, read_submission
+from pneumomap.submission import Submission, SubmissionError, read_csv, read_submission
 from pneumomap.truth import (DEFAULT_BOX_LEVEL, DEFAULT_TRUTH_DEF, TRUTH_DEFS, RsnaTruth, Truth, box_array,
                              load_truth, parse_box_level, select_ids, truth_mask)
 
@@ -98,11 +98,6 @@ def read_map(path: str | Path) -> np.ndarray:
 def read_run_threshold(pred_dir: str | Path, work: str | Path | None = None) -> float | None:
     """The ``threshold`` of the run's run_summary.json (in the work folder of either layout), if there is one."""
     return read_submission(pred_dir, work).threshold()
-
-
-def probability_table(sub: Submission) -> Path:
-    """The per-image probability CSV of a submission."""
-    return sub.folder / (MIDRC_CSV if sub.layout.name == "midrc" else PNEUMOMAP_CSV)
 
 
 def maps_folder(sub: Submission) -> Path:
@@ -163,7 +158,7 @@ def join_warnings(sub: Submission, truth: Truth, ids: Sequence[str]) -> list[str
     if not differ:
         return []
     shown = ", ".join(f"{a!r} vs {b!r}" for a, b in differ[:3])
-    return [f"{len(differ)} fileNamePath(s) of {probability_table(sub)} differ from the reference's ({shown}): "
+    return [f"{len(differ)} fileNamePath(s) of {sub.layout.table_path} differ from the reference's ({shown}): "
             "the organisers join the two CSVs on fileNamePath, so their AUC would leave those images out"]
 
 
@@ -234,8 +229,8 @@ def score_submission(pred_dir: str | Path, truth_dir: str | Path | Truth, *, thr
     chosen = [pid for pid in truth.ids if wanted is None or pid in wanted]
     if not chosen:
         raise SubmissionError(f"{truth.root}: no truth image to score")
-    _require(chosen, sub.probabilities, str(probability_table(sub)))
-    if sub.layout.name == "midrc" and not restricted and not truth.selected:
+    _require(chosen, sub.probabilities, str(sub.layout.table_path))
+    if sub.layout.scorer_folder and not restricted and not truth.selected:
         check_sorted_pairing(sub.folder, chosen)
 
     run_threshold = sub.threshold()
@@ -257,7 +252,7 @@ def score_submission(pred_dir: str | Path, truth_dir: str | Path | Truth, *, thr
     per_image = [{"image_id": pid, "target": int(t), "probability": float(s)}
                  for pid, t, s in zip(chosen, y_true, y_score)]
 
-    if sub.layout.name == "midrc" or maps_folder(sub).is_dir():
+    if maps_folder(sub).is_dir():
         rows = score_maps(truth, chosen, sub, map_metric)
         result.update(_map_summary(rows))
         for record, row in zip(per_image, rows):

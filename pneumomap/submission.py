@@ -58,6 +58,10 @@ class Layout:
     """Where one run's files go: the scorer's files in ``out``, the run's own files in ``work``."""
 
     name = ""
+    table_name = ""  # the per-image probability CSV in ``out``
+    # ``out`` is the organisers' folder: maps, the CSV and one description, nothing else (the scorer
+    # pairs its PNGs by sorted order), so the run's own files must live elsewhere
+    scorer_folder = False
 
     def __init__(self, out: str | Path, work: str | Path | None = None):
         self.out = Path(out)
@@ -70,17 +74,22 @@ class Layout:
     def map_path(self, image_id: str) -> Path:
         raise NotImplementedError
 
-    def probability_table(self, records: Sequence[Any]) -> tuple[Path, str]:
-        """(path, text) of the per-image probability CSV."""
+    @property
+    def table_path(self) -> Path:
+        return self.out / self.table_name
+
+    def probability_table(self, records: Sequence[Any]) -> str:
+        """The text of the per-image probability CSV (at `table_path`)."""
         raise NotImplementedError
 
-    def stray_files(self, image_ids: Iterable[str]) -> list[Path]:
-        """Files in ``out`` a scorer would take for part of this run's submission although they are not."""
+    def stray_files(self, image_ids: Iterable[str], description: str | None = None) -> list[Path]:
+        """Files in ``out`` a scorer would take for part of this run's submission although they are not
+        (``description``: the name of the run's description file, which belongs)."""
         return []
 
     def remove_tables(self) -> None:
         """Delete the tables of an earlier run (before maps are rewritten: a killed run leaves no stale CSV)."""
-        for path in (self.probability_table([])[0], *(self.work / name for name in RUN_TABLES)):
+        for path in (self.table_path, *(self.work / name for name in RUN_TABLES)):
             path.unlink(missing_ok=True)
 
     def write_tables(self, records: Sequence[Any], rsna: bool) -> None:
@@ -88,8 +97,7 @@ class Layout:
         from pneumomap.fileio import atomic_write_text
         from pneumomap.infer.spec import DECISION_COLUMNS
 
-        path, text = self.probability_table(records)
-        atomic_write_text(path, text)
+        atomic_write_text(self.table_path, self.probability_table(records))
         atomic_write_text(self.work / "decisions.csv", csv_text(
             ["image_id", "probability", *DECISION_COLUMNS],
             ([r.image_id, r.probability, *(r.decisions.get(c, "") for c in DECISION_COLUMNS)] for r in records)))
@@ -104,6 +112,8 @@ class MidrcLayout(Layout):
     """The organisers' flat folder (module doc)."""
 
     name = "midrc"
+    table_name = MIDRC_CSV
+    scorer_folder = True
 
     @staticmethod
     def default_work(out: Path) -> Path:
@@ -112,27 +122,28 @@ class MidrcLayout(Layout):
     def map_path(self, image_id: str) -> Path:
         return self.out / f"{image_id}.png"
 
-    def probability_table(self, records: Sequence[Any]) -> tuple[Path, str]:
-        return self.out / MIDRC_CSV, csv_text(MIDRC_HEADER, ([Path(r.path).name, r.probability] for r in records))
+    def probability_table(self, records: Sequence[Any]) -> str:
+        return csv_text(MIDRC_HEADER, ([Path(r.path).name, r.probability] for r in records))
 
-    def stray_files(self, image_ids: Iterable[str]) -> list[Path]:
+    def stray_files(self, image_ids: Iterable[str], description: str | None = None) -> list[Path]:
         if not self.out.is_dir():
             return []
         ours = {f"{i}.png" for i in image_ids}
-        return sorted(p for p in self.out.iterdir() if p.suffix.lower() == ".png" and p.name not in ours)
+        pngs = [p for p in self.out.iterdir() if p.suffix.lower() == ".png" and p.name not in ours]
+        return sorted(pngs + [p for p in description_files(self.out) if p.name != description])
 
 
 class PneumomapLayout(Layout):
     """Everything in one folder, maps in ``maps/`` (module doc)."""
 
     name = "pneumomap"
+    table_name = PNEUMOMAP_CSV
 
     def map_path(self, image_id: str) -> Path:
         return self.out / "maps" / f"{image_id}.png"
 
-    def probability_table(self, records: Sequence[Any]) -> tuple[Path, str]:
-        return self.out / PNEUMOMAP_CSV, csv_text(["image_id", "probability"],
-                                                  ([r.image_id, r.probability] for r in records))
+    def probability_table(self, records: Sequence[Any]) -> str:
+        return csv_text(["image_id", "probability"], ([r.image_id, r.probability] for r in records))
 
 
 LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (MidrcLayout, PneumomapLayout)}

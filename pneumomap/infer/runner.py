@@ -619,13 +619,10 @@ def check_output(layout: submission.Layout, items: list[Item], description: Path
             probe.unlink()
         except OSError as exc:
             raise RunError(f"{flag} {folder}: cannot write there: {exc.strerror or exc}") from None
-    stray = layout.stray_files(i.image_id for i in items)
-    if layout.name == "midrc" and layout.work.resolve() == layout.out.resolve():
-        raise RunError(f"--work {layout.work}: the midrc layout keeps the run's own files out of --out (the "
+    if layout.scorer_folder and layout.work.resolve() == layout.out.resolve():
+        raise RunError(f"--work {layout.work}: the {layout.name} layout keeps the run's own files out of --out (the "
                        "scorer's folder holds the maps, the CSV and the description only); name another folder")
-    if layout.name == "midrc":
-        keep = description.name if description is not None else None
-        stray += [p for p in submission.description_files(layout.out) if p.name != keep]
+    stray = layout.stray_files((i.image_id for i in items), description.name if description is not None else None)
     if stray:
         shown = ", ".join(p.name for p in stray[:5]) + (f" ... ({len(stray)} in all)" if len(stray) > 5 else "")
         raise RunError(f"--out {layout.out}: holds files that are not part of this run's submission: {shown}; the "
@@ -649,8 +646,8 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
         description = submission.check_description(options.description) if options.description else None
     except (ValueError, FileNotFoundError) as exc:
         raise RunError(str(exc)) from None
-    if description is not None and layout.name != "midrc":
-        raise RunError("--description: only the midrc layout holds an algorithm description")
+    if description is not None and not layout.scorer_folder:
+        raise RunError(f"--description: the {layout.name} layout holds no algorithm description (--format midrc does)")
     all_items = list_items(inputs)
     check_output(layout, all_items, description, inputs)
     index, count = options.shard or sharding.from_environment()

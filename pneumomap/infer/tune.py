@@ -200,8 +200,13 @@ class Evaluator:
     def metric(self, pipeline: Pipeline) -> float:
         """The mean map metric over the images (as `pneumomap score` computes it)."""
         self.evaluations += 1
+        return float(np.mean(self.losses(pipeline)))
+
+    def losses(self, pipeline: Pipeline, indices: Sequence[int] | None = None) -> np.ndarray:
+        """The per-image map metric of ``indices`` (default: every image)."""
         params = _params_keys(pipeline)
-        return float(np.mean([self.loss(pipeline, i, params) for i in range(len(self.stored))]))
+        chosen = range(len(self.stored)) if indices is None else indices
+        return np.array([self.loss(pipeline, i, params) for i in chosen])
 
     def loss(self, pipeline: Pipeline, i: int, params: dict[str, Any] | None = None) -> float:
         keys = self.keys(pipeline, i, params or _params_keys(pipeline))
@@ -501,8 +506,7 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     paths = [a.path for a in axes] + ([CLASSIFIER] if has_path(before, CLASSIFIER) else [])
     tnr = (achieved_tnr(stored, negatives, pipeline.outputs.probability, after["classifier"])
            if has_path(after, CLASSIFIER) else None)
-    everyone = tune_folds.Subset(evaluator, range(len(stored)))
-    in_sample = tune_folds.gain_summary(everyone.losses(pipeline), everyone.losses(pipeline.with_thresholds(after)))
+    in_sample = tune_folds.gain_summary(evaluator.losses(pipeline), evaluator.losses(pipeline.with_thresholds(after)))
     k = tune_folds.default_folds(len(stored)) if folds is None else folds
     if k == 1 or k > len(stored):
         raise TuneError(f"--folds {k}: give 0 (no cross-validation) or 2 to {len(stored)} (the tuning images)")

@@ -46,10 +46,7 @@ class Subset:
         return float(np.mean(self.losses(pipeline)))
 
     def losses(self, pipeline: Pipeline) -> np.ndarray:
-        from pneumomap.infer.tune import _params_keys
-
-        params = _params_keys(pipeline)
-        return np.array([self.evaluator.loss(pipeline, i, params) for i in self.indices])
+        return self.evaluator.losses(pipeline, self.indices)
 
 
 def gain_summary(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:

@@ -380,9 +380,14 @@ def _decode_first_frame(path: Path, ds: Any) -> tuple[np.ndarray, int]:
     return frame, n_frames
 
 
+def _truncated(reason: str) -> bool:
+    """Whether a decoder's message says the pixel data end early (no other decoder will do better)."""
+    return "less than expected" in reason or "truncated" in reason.lower()
+
+
 def _decode_reason(exc: BaseException) -> str:
     reason = _one_line(exc)
-    if "less than expected" in reason or "truncated" in reason.lower():
+    if _truncated(reason):
         sizes = re.search(r"\((\d+) vs (\d+) bytes\)", reason)
         return f"truncated DICOM pixel data ({sizes[1]} of {sizes[2]} bytes)" if sizes else reason
     return f"cannot decode pixel data ({reason})"
@@ -392,7 +397,7 @@ def _decode_in_sandbox(path: Path, index: int | None, first_error: BaseException
     """gdcm, in the child process: its crash is this image's failure."""
     from pneumomap.stages.sandbox import DecoderCrashed, sandbox
 
-    if first_error is not None and ("less than expected" in str(first_error) or "truncated" in str(first_error)):
+    if first_error is not None and _truncated(str(first_error)):
         raise UnreadableImageError(path, _decode_reason(first_error))
     try:
         return sandbox().call(_decode_with_gdcm, str(path), index, None if first_error is None else _one_line(first_error))
