@@ -290,13 +290,7 @@ def midrc_log_loss(prob_map, codes) -> float:
     prob_map = np.asarray(prob_map)
     codes = _check_codes(prob_map, codes)
     if prob_map.dtype == np.uint8:  # 256-entry tables: one bincount, no per-pixel log
-        counts = np.bincount(codes.ravel().astype(np.intp) * 256 + prob_map.ravel(), minlength=N_CODES * 256)
-        if counts.size > N_CODES * 256:
-            raise ValueError(f"reference codes above {N_CODES - 1}")
-        counts = counts.reshape(N_CODES, 256)
-        total = float(np.sum(counts * _CODE_BYTE_LOSS))
-        weight = float(counts.sum(axis=1) @ CODE_WEIGHTS)
-        return total / weight
+        return midrc_loss_of_counts(joint_counts(prob_map, codes))
     if np.any(codes >= N_CODES):
         raise ValueError(f"reference codes above {N_CODES - 1}")
     clear, opacity = _float32_losses(prob_map.astype(np.float32))
@@ -304,6 +298,25 @@ def midrc_log_loss(prob_map, codes) -> float:
     loss = np.where(CODE_LABELS[flat] == 1, opacity.ravel(), clear.ravel())
     weights = CODE_WEIGHTS[flat]
     return float(np.sum(loss * weights) / np.sum(weights))
+
+
+def joint_counts(map8, codes) -> np.ndarray:
+    """int64 (N_CODES, 256): how many pixels of each reference code hold each byte value of the uint8 map."""
+    map8 = np.asarray(map8)
+    codes = _check_codes(map8, codes)
+    if map8.dtype != np.uint8:
+        raise ValueError(f"joint_counts needs a uint8 map, got {map8.dtype}")
+    counts = np.bincount(codes.ravel().astype(np.intp) * 256 + map8.ravel(), minlength=N_CODES * 256)
+    if counts.size > N_CODES * 256:
+        raise ValueError(f"reference codes above {N_CODES - 1}")
+    return counts.reshape(N_CODES, 256)
+
+
+def midrc_loss_of_counts(counts: np.ndarray) -> float:
+    """`midrc_log_loss` of a uint8 map from its `joint_counts`: the same sum, so the same number."""
+    total = float(np.sum(counts * _CODE_BYTE_LOSS))
+    weight = float(counts.sum(axis=1) @ CODE_WEIGHTS)
+    return total / weight
 
 
 def codes_to_truth(codes) -> np.ndarray:
@@ -321,6 +334,10 @@ class MapMetric:
 
     def loss(self, map8: np.ndarray, codes: np.ndarray) -> float:
         """The loss of one uint8 map against the uint8 reference codes of its image (same shape)."""
+        return self.loss_of_counts(joint_counts(map8, codes))
+
+    def loss_of_counts(self, counts: np.ndarray) -> float:
+        """The loss from the map's `joint_counts` with its codes (all a uint8 map's loss depends on)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -335,8 +352,8 @@ class MidrcMetric(MapMetric):
 
     name = "midrc"
 
-    def loss(self, map8, codes) -> float:
-        return midrc_log_loss(map8, codes)
+    def loss_of_counts(self, counts: np.ndarray) -> float:
+        return midrc_loss_of_counts(counts)
 
     def describe(self) -> str:
         return "midrc: the organisers' weighted log loss (weights 1/15/30/45 by reference level)"
@@ -350,9 +367,18 @@ class BalancedMetric(MapMetric):
     def __init__(self, pos_weight: float = 1.0, neg_weight: float = 1.0):
         self.pos_weight, self.neg_weight = float(pos_weight), float(neg_weight)
 
-    def loss(self, map8, codes) -> float:
-        map8 = np.asarray(map8)
-        return map_log_loss(map8, codes_to_truth(_check_codes(map8, codes)), self.pos_weight, self.neg_weight)
+    def loss_of_counts(self, counts: np.ndarray) -> float:
+        """`map_log_loss` from the counts: the same per-byte tables and integer counts as its uint8 path."""
+        labels = CODE_LABELS[:counts.shape[0]] == 1
+        opacity, clear = counts[labels].sum(axis=0), counts[~labels].sum(axis=0)
+        p = np.clip(np.arange(256) / 255.0, DEFAULT_EPS, 1.0 - DEFAULT_EPS)
+        n_opacity, n_clear = int(opacity.sum()), int(clear.sum())
+        loss = 0.0
+        if n_opacity:
+            loss += self.pos_weight * float(opacity @ -np.log(p)) / n_opacity
+        if n_clear:
+            loss += self.neg_weight * float(clear @ -np.log1p(-p)) / n_clear
+        return float(loss)
 
     def describe(self) -> str:
         return f"balanced: class-balanced log loss, pos weight {self.pos_weight:g}, neg weight {self.neg_weight:g}"

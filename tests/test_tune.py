@@ -11,6 +11,7 @@ import pytest
 from pneumomap import metrics, score
 from pneumomap.cli import main as cli_main
 from pneumomap.infer import runner, spec, tune
+from pneumomap.infer.evaluator import Evaluator
 from pneumomap.infer.tiny import write_pipeline
 from pneumomap.labels import load_rsna
 from pneumomap.synth import generate
@@ -149,15 +150,17 @@ def test_plots_and_json(tuned):
 def test_memoised_maps_equal_postprocess(tuned):
     pipeline = spec.load(tuned["pipeline"])
     dataset = load_rsna(tuned["root"] / "rsna")
-    stored = runner.load_outputs(pipeline, tuned["work"], [dataset.image_path(pid) for pid in dataset.ids])
-    evaluator = tune.Evaluator(stored, lambda i: None, metrics.map_metric("midrc"), budget=1)  # tiny budget: recomputation works too
+    paths = [dataset.image_path(pid) for pid in dataset.ids]
+    stored = runner.load_outputs(pipeline, tuned["work"], paths)
+    lazy = runner.load_outputs(pipeline, tuned["work"], paths, lazy=True)
+    evaluator = Evaluator(pipeline, lazy, lambda i: None, metrics.map_metric("midrc"), budget=1)  # tiny budget: recomputation works too
     variants = [pipeline.thresholds, tuned["result"]["thresholds_after"],
                 {**tuned["result"]["thresholds_after"], "classifier": 0.0, "level": 0.0}]
     for thresholds in variants * 2:
         candidate = pipeline.with_thresholds(thresholds)
         for i, one in enumerate(stored):
             expected = runner.postprocess(candidate, one)[candidate.outputs.map]
-            assert np.array_equal(evaluator.final_map(candidate, i), expected)
+            assert np.array_equal(evaluator.final_map(thresholds, i), expected)
 
 
 def test_candidates_keep_the_current_value_and_clip_order():

@@ -130,6 +130,16 @@ class ArtifactStore:
         except (OSError, KeyError, ValueError, EOFError):
             return None
 
+    def signature_of(self, folder: str, image_id: str) -> str | None:
+        """The input signature a stored array was made from, without decoding the array (None: none readable)."""
+        if not self.enabled:
+            return None
+        try:
+            with np.load(self._path(folder, image_id, ".npz"), allow_pickle=False) as data:
+                return str(data["source"])
+        except (OSError, KeyError, ValueError, EOFError):
+            return None
+
     def save(self, folder: str, image_id: str, signature: str, stored: np.ndarray) -> None:
         if not self.enabled:
             return

@@ -23,7 +23,7 @@ turns it into zeros, so a negative image ends as the floor values of `clip`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -66,6 +66,21 @@ class NodeDef:
     fn: Callable[..., Any] | None = None
     help: str = ""
     check: Callable[[dict[str, Any]], str | None] | None = None  # a rule across parameters: its message, or None
+    # (input role, its value when absent): the op reads only ``params[<that input's value>]`` (overestimate
+    # reads the amounts of its level), so that what a result depends on can be known without running it
+    selected_by: tuple[str, str] | None = None
+    # a final op whose metric follows from a histogram (clip): ``summary(*inputs, codes)`` once per input,
+    # then ``counts(summary, **params)`` = `metrics.joint_counts` of the op's output with those codes
+    summary: Callable[..., np.ndarray] | None = None
+    counts: Callable[..., np.ndarray] | None = None
+
+    def used_params(self, params: dict[str, Any], inputs: Sequence[Any]) -> Any:
+        """The part of ``params`` a node reads, given its inputs' values (or keys) by position."""
+        if self.selected_by is None:
+            return params
+        role, default = self.selected_by
+        index = [r.name for r in self.inputs].index(role)
+        return params.get(inputs[index] if index < len(inputs) else default)
 
 
 # ----------------------------------------------------------------------------- values
@@ -216,6 +231,32 @@ def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, out
     return np.where(lungs.mask_at(prob_map.shape), values, np.uint8(outside))
 
 
+def clip_summary(prob_map: np.ndarray, lungs: Lungs, codes: np.ndarray) -> np.ndarray:
+    """int64 (N_CODES, 257) of `clip`'s input against the reference codes: per code, the lung pixels at
+    each byte ``rint(p * 255)`` (columns 0-255, clamped to that range) and the pixels outside the lungs
+    (column 256). Every `clip` of this input has its `metrics.joint_counts` in `clip_counts`."""
+    from pneumomap.metrics import N_CODES
+
+    scaled = prob_map.astype(np.float64)
+    scaled *= 255.0
+    np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled)
+    column = np.where(lungs.mask_at(prob_map.shape), scaled.astype(np.intp), 256)
+    flat = np.asarray(codes).ravel().astype(np.intp) * 257 + column.ravel()
+    return np.bincount(flat, minlength=N_CODES * 257)[:N_CODES * 257].reshape(N_CODES, 257)
+
+
+def clip_counts(summary: np.ndarray, low: int = 10, high: int = 245, outside: int = 1) -> np.ndarray:
+    """`metrics.joint_counts` of ``clip(map, lungs, low, high, outside)`` from `clip_summary` of (map, lungs):
+    bytes below ``low`` counted at ``low``, above ``high`` at ``high``, the outside pixels at ``outside``."""
+    inside = summary[:, :256]
+    counts = np.zeros(inside.shape, np.int64)
+    counts[:, low:high + 1] = inside[:, low:high + 1]
+    counts[:, low] += inside[:, :low].sum(axis=1)
+    counts[:, high] += inside[:, high + 1:].sum(axis=1)
+    counts[:, outside] += summary[:, 256]
+    return counts
+
+
 # ----------------------------------------------------------------------------- registry
 
 _UNIT = dict(low=0.0, high=1.0)
@@ -247,7 +288,8 @@ OPS: dict[str, NodeDef] = {
         "whole-image map with each lung formed by its choice"),
     "overestimate": NodeDef(
         (Role("map", ("map",)), Role("level", ("level",), True)), "map",
-        {"low": _AMOUNTS, "high": _AMOUNTS}, overestimate, "dilate and raise the map by the level's amounts"),
+        {"low": _AMOUNTS, "high": _AMOUNTS}, overestimate, "dilate and raise the map by the level's amounts",
+        selected_by=("level", "low")),
     "resize": NodeDef((Role("map", ("map",)), Role("image", ("image",))), "fullmap", {}, resize,
                       "resize the map to the original image size"),
     "mask": NodeDef((Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "fullmap", {}, mask,
@@ -257,5 +299,6 @@ OPS: dict[str, NodeDef] = {
         {"low": Param("int", *MAP8_RANGE, 10), "high": Param("int", *MAP8_RANGE, 245),
          "outside": Param("int", *MAP8_RANGE, 1)},
         clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255",
-        check=lambda p: f"low ({p['low']}) is above high ({p['high']})" if p["low"] > p["high"] else None),
+        check=lambda p: f"low ({p['low']}) is above high ({p['high']})" if p["low"] > p["high"] else None,
+        summary=clip_summary, counts=clip_counts),
 }

@@ -130,14 +130,37 @@ def postprocess(pipeline: Pipeline, stored: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+SCALAR_OUTPUTS = ("probability", "extent")  # model outputs that are one number per image
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A stored model map not read yet (``load_outputs(lazy=True)``): `load` gives the node's value."""
+
+    store: art.ArtifactStore
+    folder: str
+    image_id: str
+    signature: str
+    node: Node
+    lung_thresholds: dict
+
+    def load(self) -> Any:
+        array = self.store.load(self.folder, self.image_id, self.signature)
+        if array is None:
+            raise RunError(f"{self.image_id}: the stored output {self.store.root / self.folder} changed or vanished "
+                           "while in use; run again")
+        return _value(self.node, array, self.lung_thresholds)
+
+
 def load_outputs(pipeline: Pipeline, work: str | Path, inputs: str | Path | list,
-                 options: RunOptions | None = None) -> list[dict[str, Any]]:
+                 options: RunOptions | None = None, lazy: bool = False) -> list[dict[str, Any]]:
     """The stored model outputs of a run whose work folder is ``work`` (its ``--out`` in pneumomap's
     layout), one dict per input image (input order).
 
     Keys: each model node (value, or MISSING when never computed), ``image`` (`ImageSize`),
     ``image_id``. Images without stored outputs (unreadable, or not run yet) are left out.
-    ``options``: the run's device and precision (those outputs are looked up).
+    ``options``: the run's device and precision (those outputs are looked up). ``lazy``: maps stay on
+    disk as `Deferred` (their file checked, not decoded), scalars are read: memory independent of the maps.
     """
     from pneumomap.device import resolve_device
 
@@ -152,7 +175,13 @@ def load_outputs(pipeline: Pipeline, work: str | Path, inputs: str | Path | list
             continue
         stored: dict[str, Any] = {IMAGE: ImageSize(meta["height"], meta["width"]), "image_id": item.image_id}
         for node in pipeline.model_nodes:
-            array = store.load(art.model_folder(node.name, keys[node.name]), item.image_id, item.signature)
+            folder = art.model_folder(node.name, keys[node.name])
+            if lazy and node.output not in SCALAR_OUTPUTS:
+                found = store.signature_of(folder, item.image_id) == item.signature
+                stored[node.name] = (Deferred(store, folder, item.image_id, item.signature, node, thresholds)
+                                     if found else MISSING)
+                continue
+            array = store.load(folder, item.image_id, item.signature)
             stored[node.name] = MISSING if array is None else _value(node, array, thresholds)
         if all(stored[n.name] is not MISSING for n in pipeline.model_nodes if n.when is None):
             result.append(stored)

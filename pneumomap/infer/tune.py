@@ -49,7 +49,6 @@ import os
 import sys
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,12 +59,11 @@ from pneumomap import metrics
 from pneumomap.fileio import atomic_write_text
 from pneumomap.infer.ops import MAP8_RANGE
 from pneumomap.infer import runner, spec, tune_folds
-from pneumomap.infer.runner import MISSING, evaluate_op
+from pneumomap.infer.evaluator import BaseEvaluator, Evaluator, Progress, make_evaluator
+from pneumomap.infer.runner import MISSING
 from pneumomap.infer.spec import IMAGE, Pipeline
 
 HEADER = "# tune: "
-SCALAR_TYPES = ("bool", "choice", "level", "probability", "extent")
-DEFAULT_BUDGET = 1 << 30  # bytes of memoised intermediate maps
 
 
 class TuneError(RuntimeError):
@@ -145,123 +143,6 @@ def candidates(axis: Axis, thresholds: dict) -> list:
     return values
 
 
-# ----------------------------------------------------------------------------- memoised evaluation
-
-
-class _LRU:
-    """Arrays by key, least recently used dropped beyond ``budget`` bytes."""
-
-    def __init__(self, budget: int):
-        self.items: OrderedDict = OrderedDict()
-        self.budget, self.size = budget, 0
-
-    def get(self, key: Any) -> Any:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: np.ndarray) -> None:
-        self.items[key] = value
-        self.size += value.nbytes
-        while self.size > self.budget and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.size -= old.nbytes
-
-
-def _params_keys(pipeline: Pipeline) -> dict[str, Any]:
-    """Per op node, a hashable form of its parameters (overestimate: per level, only that level's amounts)."""
-    keys: dict[str, Any] = {}
-    for node in pipeline.op_nodes:
-        if node.type == "overestimate":
-            keys[node.name] = {lvl: json.dumps(node.params.get(lvl), sort_keys=True) for lvl in ("low", "high")}
-        else:
-            keys[node.name] = json.dumps(node.params, sort_keys=True)
-    return keys
-
-
-class Evaluator:
-    """The map metric of any thresholds over stored model outputs, each op memoised per image.
-
-    A node's key is ``('=', value)`` for a known scalar (gate, choice, level, or None for a gated-out
-    map), ``('model', name)`` for a stored model output, else ``(name, params, input keys)``; scalars
-    are computed eagerly, maps only when the loss of their final map's key is not known yet.
-    """
-
-    def __init__(self, stored: list[dict], truth: Callable[[int], np.ndarray], metric: metrics.MapMetric,
-                 budget: int = DEFAULT_BUDGET):
-        """``truth(i)``: the reference codes of image ``i`` (`metrics.reference_codes`)."""
-        self.stored, self.truth_of, self.map_metric = stored, truth, metric
-        self.scalars: list[dict] = [{} for _ in stored]
-        self.arrays = _LRU(budget)
-        self.truths: dict[int, np.ndarray] = {}
-        self.evaluations = 0
-
-    def metric(self, pipeline: Pipeline) -> float:
-        """The mean map metric over the images (as `pneumomap score` computes it)."""
-        self.evaluations += 1
-        return float(np.mean(self.losses(pipeline)))
-
-    def losses(self, pipeline: Pipeline, indices: Sequence[int] | None = None) -> np.ndarray:
-        """The per-image map metric of ``indices`` (default: every image)."""
-        params = _params_keys(pipeline)
-        chosen = range(len(self.stored)) if indices is None else indices
-        return np.array([self.loss(pipeline, i, params) for i in chosen])
-
-    def loss(self, pipeline: Pipeline, i: int, params: dict[str, Any] | None = None) -> float:
-        keys = self.keys(pipeline, i, params or _params_keys(pipeline))
-        name = pipeline.outputs.map
-        memo = self.scalars[i]
-        loss_key = ("loss", keys[name])
-        if loss_key not in memo:
-            if i not in self.truths:
-                self.truths[i] = self.truth_of(i)
-            memo[loss_key] = self.map_metric.loss(self.value(pipeline, i, keys, name), self.truths[i])
-        return memo[loss_key]
-
-    def final_map(self, pipeline: Pipeline, i: int) -> np.ndarray:
-        """The output map of image ``i`` (what `runner.postprocess` gives)."""
-        keys = self.keys(pipeline, i, _params_keys(pipeline))
-        return self.value(pipeline, i, keys, pipeline.outputs.map)
-
-    def keys(self, pipeline: Pipeline, i: int, params: dict[str, Any]) -> dict[str, tuple]:
-        scalars = self.scalars[i]
-        keys: dict[str, tuple] = {IMAGE: (IMAGE,)}
-        for node in pipeline.nodes.values():
-            if node.is_model:
-                gated = node.when is not None and not keys[node.when][1]
-                keys[node.name] = ("=", None) if gated else ("model", node.name)
-                continue
-            own = params[node.name]
-            if node.type == "overestimate":
-                level = keys[node.inputs[1]][1] if len(node.inputs) > 1 else "low"
-                own = own[level]
-            key = (node.name, own, tuple(keys[s] for s in node.inputs))
-            if key not in scalars and node.output in SCALAR_TYPES:
-                self.value(pipeline, i, keys, node.name, key)
-            keys[node.name] = ("=", scalars[key]) if key in scalars else key
-        return keys
-
-    def value(self, pipeline: Pipeline, i: int, keys: dict[str, tuple], name: str, key: tuple | None = None) -> Any:
-        key = keys[name] if key is None else key
-        if key[0] == "=":
-            return key[1]
-        if key[0] == "model" or key == (IMAGE,):
-            return self.stored[i][name]
-        if key in self.scalars[i]:
-            return self.scalars[i][key]
-        hit = self.arrays.get((i, key))
-        if hit is not None:
-            return hit
-        node = pipeline.nodes[name]
-        result = evaluate_op(node, {s: self.value(pipeline, i, keys, s) for s in node.inputs})
-        if isinstance(result, np.ndarray):
-            self.arrays.put((i, key), result)
-        else:
-            self.scalars[i][key] = result
-        return result
-
-
 # ----------------------------------------------------------------------------- search
 
 
@@ -271,31 +152,40 @@ class Curve:
     metrics: list[float]
 
 
-def sweep(evaluator: Evaluator, pipeline: Pipeline, thresholds: dict, path: Sequence[str], values: Sequence) -> Curve:
+def sweep(evaluator: BaseEvaluator, thresholds: dict, path: Sequence[str], values: Sequence,
+          indices: Sequence[int] | None = None, progress: Progress | None = None) -> Curve:
     """The metric at each value of one threshold, the others as in ``thresholds`` (invalid values skipped)."""
-    kept, scores = [], []
+    kept, blocks = [], []
     for value in values:
+        block = with_value(thresholds, path, value)
         try:
-            candidate = pipeline.with_thresholds(with_value(thresholds, path, value))
+            evaluator.pipeline.with_thresholds(block)
         except spec.PipelineError:
             continue
         kept.append(value)
-        scores.append(evaluator.metric(candidate))
-    return Curve(kept, scores)
+        blocks.append(block)
+    return Curve(kept, evaluator.metrics_of(blocks, indices, progress) if blocks else [])
 
 
-def coordinate_descent(evaluator: Evaluator, pipeline: Pipeline, start: dict, axes: Sequence[Axis],
-                       rounds: int = 3, progress: bool = True) -> tuple[dict, float, dict[str, Curve]]:
-    """Minimise the metric one axis at a time over its grid; returns (thresholds, metric, last curve per axis)."""
+def coordinate_descent(evaluator: BaseEvaluator, start: dict, axes: Sequence[Axis], rounds: int = 3,
+                       progress: bool = True, indices: Sequence[int] | None = None
+                       ) -> tuple[dict, float, dict[str, Curve]]:
+    """Minimise the metric over ``indices`` (default all images) one axis at a time over its grid;
+    returns (thresholds, metric, last curve per axis)."""
     from tqdm import tqdm
 
+    n = evaluator.n_images if indices is None else len(indices)
     current = copy.deepcopy(start)
-    best = evaluator.metric(pipeline.with_thresholds(current))
+    best = evaluator.metric(current, indices)
     curves: dict[str, Curve] = {}
     for round_ in range(rounds):
         changed = False
-        for axis in tqdm(axes, desc=f"tune round {round_ + 1}", unit="axis", disable=not progress, leave=False):
-            curve = sweep(evaluator, pipeline, current, axis.path, candidates(axis, current))
+        for axis in axes:
+            values = candidates(axis, current)
+            with tqdm(total=n * len(values), desc=f"tune round {round_ + 1}: {axis.name}", unit=" image-candidates",
+                      unit_scale=True, disable=not progress, leave=False) as bar:
+                curve = sweep(evaluator, current, axis.path, values, indices,
+                              lambda k, width=len(values): bar.update(k * width))
             curves[axis.name] = curve
             j = int(np.argmin(curve.metrics))
             if curve.metrics[j] < best:
@@ -324,13 +214,13 @@ def _complete(pipeline: Pipeline, stored: list[dict], expected: set[str]) -> boo
 def stored_outputs(pipeline: Pipeline, paths: list[Path], work: Path, options: runner.RunOptions
                    ) -> tuple[list[dict], bool]:
     """Every model output of ``paths`` (gated ones too), from ``work``; runs the networks only for what is
-    missing. Returns (outputs, whether the pipeline ran)."""
+    missing. Returns (outputs, whether the pipeline ran); maps stay on disk (`runner.Deferred`)."""
     expected = {p.stem for p in paths} - _failed_ids(work)
-    stored = runner.load_outputs(pipeline, work, paths, options) if work.is_dir() else []
+    stored = runner.load_outputs(pipeline, work, paths, options, lazy=True) if work.is_dir() else []
     if _complete(pipeline, stored, expected):
         return stored, False
     runner.run(pipeline, paths, work, options)
-    stored = runner.load_outputs(pipeline, work, paths, options)
+    stored = runner.load_outputs(pipeline, work, paths, options, lazy=True)
     return [s for s in stored if all(s[n.name] is not MISSING for n in pipeline.model_nodes)], True
 
 
@@ -457,7 +347,7 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
          device: str = "auto", metric: str = "midrc", truth_def: str = "boxes_in_lungs", box_level: float = 1.0,
          pos_weight: float = 1.0, neg_weight: float = 1.0, images: str | Path | None = None,
          rounds: int = 3, folds: int | None = None, batch_size: int = 8, workers: int | None = None,
-         precision: str = "auto", progress: bool = True) -> dict:
+         precision: str = "auto", progress: bool = True, search_workers: int | None = None) -> dict:
     """Tune ``pipeline_path`` on the truth ``val_dir`` (`truth.load_truth`: an RSNA folder, ``split``
     of it, None = every image; or reference maps, whose radiographs are in ``images``) into ``out_path``.
 
@@ -488,25 +378,53 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
         size = stored[i][IMAGE]
         return truth_source.codes(stored[i]["image_id"], (size.height, size.width))
 
-    evaluator = Evaluator(stored, truth, map_metric)
+    evaluator = make_evaluator(Evaluator(pipeline, stored, truth, map_metric), search_workers)
+    try:
+        result = _search(evaluator, pipeline, stored, truth_source, target_tnr, rounds, folds, progress)
+    finally:
+        evaluator.close()
+    result.update({
+        "n_failed": len(image_paths) - len(stored), "split": split,
+        "val_dir": str(Path(val_dir).resolve()), "pipeline": str(pipeline_path.resolve()),
+        "out": str(out_path.resolve()), "json": str(out_path.with_suffix(".tune.json").resolve()),
+        "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
+        "metric": map_metric.name, "metric_name": _metric_name(map_metric), "truth": str(truth_source),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    })
+    shortfall = tnr_shortfall(result)
+    if shortfall:
+        warnings.warn(shortfall, UserWarning, stacklevel=2)
+    doubt = gain_doubt(result)
+    if doubt:
+        warnings.warn(doubt, UserWarning, stacklevel=2)
+    write_tuned(pipeline, out_path, result["thresholds_after"], _header(result))
+    result["plot_files"] = [str(p) for p in write_plots(result, plots)]
+    result["seconds"] = {"run": round(run_seconds, 3), "total": round(time.perf_counter() - started, 3)}
+    atomic_write_text(Path(result["json"]), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _search(evaluator: BaseEvaluator, pipeline: Pipeline, stored: list[dict], truth_source: Any,
+            target_tnr: float, rounds: int, folds: int | None, progress: bool) -> dict:
+    """The gate at the target TNR, the coordinate descent, the curves, the in-sample and cross-validated gains."""
     negatives = [not truth_source.label(s["image_id"]) for s in stored]
     before = copy.deepcopy(pipeline.thresholds)
     start = copy.deepcopy(before)
     if has_path(before, CLASSIFIER):
         start["classifier"] = classifier_threshold(stored, negatives, pipeline.outputs.probability, target_tnr)
     axes = [a for a in AXES if has_path(before, a.path)]
-    metric_before = evaluator.metric(pipeline)
-    metric_start = evaluator.metric(pipeline.with_thresholds(start))
-    after, metric_after, curves = coordinate_descent(evaluator, pipeline, start, axes, rounds, progress)
+    metric_before = evaluator.metric(before)
+    metric_start = evaluator.metric(start)
+    after, metric_after, curves = coordinate_descent(evaluator, start, axes, rounds, progress)
     if has_path(before, CLASSIFIER):
         probs = [float(s[pipeline.outputs.probability]) for s in stored]
         grid = sorted({round(float(q), 4) for q in np.quantile(probs, np.linspace(0, 1, 11))}
                       | {after["classifier"], before["classifier"]})
-        curves["classifier"] = sweep(evaluator, pipeline, after, CLASSIFIER, grid)
+        curves["classifier"] = sweep(evaluator, after, CLASSIFIER, grid)
     paths = [a.path for a in axes] + ([CLASSIFIER] if has_path(before, CLASSIFIER) else [])
     tnr = (achieved_tnr(stored, negatives, pipeline.outputs.probability, after["classifier"])
            if has_path(after, CLASSIFIER) else None)
-    in_sample = tune_folds.gain_summary(evaluator.losses(pipeline), evaluator.losses(pipeline.with_thresholds(after)))
+    in_sample = tune_folds.gain_summary(*evaluator.losses_of([before, after]))
     k = tune_folds.default_folds(len(stored)) if folds is None else folds
     if k == 1 or k > len(stored):
         raise TuneError(f"--folds {k}: give 0 (no cross-validation) or 2 to {len(stored)} (the tuning images)")
@@ -523,36 +441,18 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
     cross = None
     if k >= 2:
         cross = tune_folds.cross_validate(
-            evaluator, pipeline, before, start_of,
-            lambda subset, fold_start: coordinate_descent(subset, pipeline, fold_start, axes, rounds, False)[0],
+            evaluator, before, start_of,
+            lambda train, fold_start: coordinate_descent(evaluator, fold_start, axes, rounds, False, train)[0],
             k, lambda thresholds: _flat(thresholds, paths))
-    result = {
+    return {
         "metric_before": metric_before, "metric_start": metric_start, "metric_after": metric_after,
         "thresholds_before": before, "thresholds_after": after,
         "parameters_before": _flat(before, paths), "parameters_after": _flat(after, paths),
         "searched": [a.name for a in axes], "n_images": len(stored), "n_negatives": int(sum(negatives)),
-        "n_failed": len(image_paths) - len(stored), "target_tnr": target_tnr, "achieved_tnr": tnr, "split": split,
-        "in_sample": in_sample, "cross_validation": cross,
-        "val_dir": str(Path(val_dir).resolve()), "pipeline": str(pipeline_path.resolve()),
-        "out": str(out_path.resolve()), "json": str(out_path.with_suffix(".tune.json").resolve()),
-        "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
-        "metric": map_metric.name, "metric_name": _metric_name(map_metric), "truth": str(truth_source),
-        "rounds": rounds,
-        "evaluations": evaluator.evaluations,
+        "target_tnr": target_tnr, "achieved_tnr": tnr, "in_sample": in_sample, "cross_validation": cross,
+        "rounds": rounds, "evaluations": evaluator.evaluations,
         "curves": {k: {"values": c.values, "metrics": c.metrics} for k, c in curves.items()},
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    shortfall = tnr_shortfall(result)
-    if shortfall:
-        warnings.warn(shortfall, UserWarning, stacklevel=2)
-    doubt = gain_doubt(result)
-    if doubt:
-        warnings.warn(doubt, UserWarning, stacklevel=2)
-    write_tuned(pipeline, out_path, after, _header(result))
-    result["plot_files"] = [str(p) for p in write_plots(result, plots)]
-    result["seconds"] = {"run": round(run_seconds, 3), "total": round(time.perf_counter() - started, 3)}
-    atomic_write_text(Path(result["json"]), json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def _image_paths(truth: Any, images: str | Path | None) -> list[Path]:

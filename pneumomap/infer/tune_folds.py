@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pneumomap import metrics
-from pneumomap.infer.spec import Pipeline
 
 DEFAULT_FOLDS = 5
 MIN_IMAGES_PER_FOLD = 10
@@ -35,20 +34,6 @@ def fold_indices(n_images: int, k: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, k)]
 
 
-class Subset:
-    """The evaluator's metric over some of its images (what `tune.coordinate_descent` needs)."""
-
-    def __init__(self, evaluator: Any, indices: Sequence[int]):
-        self.evaluator, self.indices = evaluator, list(indices)
-
-    def metric(self, pipeline: Pipeline) -> float:
-        self.evaluator.evaluations += 1
-        return float(np.mean(self.losses(pipeline)))
-
-    def losses(self, pipeline: Pipeline) -> np.ndarray:
-        return self.evaluator.losses(pipeline, self.indices)
-
-
 def gain_summary(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
     """Mean losses before/after and the gain (before - after) with its 95% bootstrap interval over images."""
     gain = before - after
@@ -57,25 +42,23 @@ def gain_summary(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
             "gain_ci95": [low, high]}
 
 
-def cross_validate(evaluator: Any, pipeline: Pipeline, before: dict, start_of: Callable[[Sequence[int]], dict],
-                   search: Callable[[Subset, dict], dict], k: int, parameters: Callable[[dict], dict],
+def cross_validate(evaluator: Any, before: dict, start_of: Callable[[Sequence[int]], dict],
+                   search: Callable[[Sequence[int], dict], dict], k: int, parameters: Callable[[dict], dict],
                    seed: int = 0) -> dict[str, Any]:
     """The cross-validated metric before and after tuning (module doc).
 
-    ``start_of(train_indices)``: the search's start (the gate at the target TNR of those images);
-    ``search(subset, start)``: the tuned thresholds; ``parameters(thresholds)``: the flat values reported.
+    ``evaluator``: an `evaluator.BaseEvaluator`; ``start_of(train_indices)``: the search's start (the gate
+    at the target TNR of those images); ``search(train_indices, start)``: the thresholds tuned on those
+    images; ``parameters(thresholds)``: the flat values reported.
     """
-    n = len(evaluator.stored)
+    n = evaluator.n_images
     folds = fold_indices(n, k, seed)
-    untuned = pipeline.with_thresholds(before)
     cv_before, cv_after = np.zeros(n), np.zeros(n)
     per_fold, chosen = [], []
     for fold in folds:
         train = np.setdiff1d(np.arange(n), fold)
-        tuned = search(Subset(evaluator, train), start_of(train))
-        held_out = Subset(evaluator, fold)
-        cv_before[fold] = held_out.losses(untuned)
-        cv_after[fold] = held_out.losses(pipeline.with_thresholds(tuned))
+        tuned = search(train, start_of(train))
+        cv_before[fold], cv_after[fold] = evaluator.losses_of([before, tuned], fold)
         per_fold.append({"n_images": len(fold), "before": float(cv_before[fold].mean()),
                          "after": float(cv_after[fold].mean())})
         chosen.append(parameters(tuned))
