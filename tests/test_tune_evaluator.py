@@ -150,4 +150,5 @@ def test_clip_counts_are_the_counts_of_the_clipped_map(seed, a, b, outside):
     codes = rng.integers(0, metrics.N_CODES, shape).astype(np.uint8)
     low, high = min(a, b), max(a, b)
     expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
-    assert np.array_equal(ops.clip_counts(ops.clip_summary(prob, Lungs(), codes), low, high, outside), expected)
+    summary = ops.clip_summary(prob, ops.clip_context(shape, Lungs(), codes))
+    assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)

@@ -9,10 +9,13 @@ PNGs. What keeps it fast and its memory bounded at RSNA's size (5,000 validation
   into a small LRU; the reference codes likewise.
 - **Memos by key.** Every op value is known by a key: its name, the parameters it reads
   (`ops.NodeDef.used_params`) and its inputs' keys. Scalars (gate, choice, level) are computed eagerly, so
-  a candidate that changes nothing for an image costs a dictionary look-up; each final map's loss is kept
-  per image by key (a few numbers per image, whatever the map size).
+  a candidate that changes nothing for an image costs a dictionary look-up; a map that the gate left out
+  stays None whatever the parameters (`ops.NodeDef.gives_none`), so a negative image's final map has one
+  key for every candidate but the clip values; each final map's loss is kept per image by key (a few
+  numbers per image, whatever the map size).
 - **Histograms for the final op.** When the output op declares ``summary``/``counts`` (`ops.clip`), its
-  input is summarised once as per-reference-code byte counts (`ops.clip_summary`), and each candidate's loss
+  input is summarised once as per-reference-code byte counts over the lung pixels (`ops.clip_summary`, with
+  what it needs of the image prepared once, `ops.clip_context`), and each candidate's loss
   is `metrics.MapMetric.loss_of_counts` of `ops.clip_counts`: the very counts of the clipped map, so the very
   number, for 1,500 additions instead of two passes over a million pixels.
 - **Images in parallel.** `ParallelEvaluator` forks worker processes that each own every k-th image and its
@@ -25,6 +28,7 @@ import multiprocessing
 import os
 import traceback
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -32,10 +36,11 @@ import numpy as np
 from pneumomap import metrics
 from pneumomap.infer.ops import OPS
 from pneumomap.infer.runner import Deferred, evaluate_op
-from pneumomap.infer.spec import IMAGE, Pipeline
+from pneumomap.infer.spec import IMAGE, Node, Pipeline
 
 SCALAR_TYPES = ("bool", "choice", "level", "probability", "extent")
 DEFAULT_BUDGET = 1 << 30  # bytes of memoised maps and loaded model outputs, all workers together
+NONE = ("=", None)  # the key of a value known to be None (a gated-out map)
 CHUNK = 16  # images per message between the parent and a worker (the progress bar's step)
 
 Progress = Callable[[int], None]  # called with a number of images just evaluated (for every candidate)
@@ -70,9 +75,11 @@ class LRU:
 
 
 def _nbytes(value: Any) -> int:
-    """Memory of a memoised value: an array's bytes, a `Lungs` by its masks."""
+    """Memory of a memoised value: an array's bytes (a tuple's: its arrays'), a `Lungs` by its masks."""
     if isinstance(value, np.ndarray):
         return value.nbytes
+    if isinstance(value, tuple):
+        return sum(_nbytes(v) for v in value)
     split = getattr(value, "split", None)
     mask = getattr(split, "mask", None)
     return 4 * mask.size if isinstance(mask, np.ndarray) else 1024
@@ -127,61 +134,97 @@ class BaseEvaluator:
         self.close()
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One node of a candidate pipeline, with what its key needs precomputed."""
+
+    node: Node
+    definition: Any  # ops.NodeDef (None for a model node)
+    params: Any  # params_keys' entry
+    inputs: tuple[str, ...]
+    is_model: bool
+    gate: str | None
+    scalar: bool
+
+
+class _Plan:
+    """A candidate pipeline prepared for key computation (once per candidate, not per image)."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        own = params_keys(pipeline)
+        self.steps = [_Step(n, None if n.is_model else OPS[n.type], own.get(n.name), tuple(n.inputs), n.is_model,
+                            n.when, n.output in SCALAR_TYPES) for n in pipeline.nodes.values()]
+        self.final = pipeline.nodes[pipeline.outputs.map]
+        self.final_definition = None if self.final.is_model else OPS[self.final.type]
+
+
 class Evaluator(BaseEvaluator):
     """One process's evaluation of ``stored`` (`runner.load_outputs`, maps may be `runner.Deferred`).
 
-    A node's key is ``('=', value)`` for a known scalar (gate, choice, level, or None for a gated-out
-    map), ``('model', name)`` for a stored model output, else ``(name, params read, input keys)``.
+    Keys are small integers (`key_id`) standing for ``('=', value)`` (a known scalar: gate, choice, level,
+    or None for a gated-out map), ``('model', name)`` (a stored model output), ``(IMAGE,)``, or
+    ``(name, params read, input key ids...)`` for an op: flat tuples, so hashing one is cheap.
     """
 
     def __init__(self, pipeline: Pipeline, stored: list[dict], truth: Callable[[int], np.ndarray],
                  metric: metrics.MapMetric, budget: int = DEFAULT_BUDGET):
         """``truth(i)``: the reference codes of image ``i`` (`metrics.reference_codes`) at its size."""
         self.pipeline, self.stored, self.truth_of, self.map_metric = pipeline, stored, truth, metric
-        self.memo: list[dict] = [{} for _ in stored]  # per image: scalar op values and losses by key
-        self.arrays = LRU(budget // 2)  # (image, key) -> op maps and final-op summaries
+        self.memo: list[dict[int, Any]] = [{} for _ in stored]  # per image: scalar op values by key id
+        self.losses_memo: list[dict[int, float]] = [{} for _ in stored]  # per image: loss by final key id
+        self.arrays = LRU(budget // 2)  # (image, key id) -> op maps and final-op summaries
         self.loaded = LRU(budget // 4)  # (image, node) -> model maps read from disk
-        self.codes = LRU(budget // 4)  # image -> reference codes
-        self.interned: dict = {}
+        self.codes = LRU(budget // 8)  # image -> reference codes
+        self.contexts = LRU(budget // 8)  # (image, ...) -> the final op's per-image context (`ops.clip_context`)
+        self.ids: dict[tuple, int] = {}
+        self.meaning: list[tuple] = []
+        self.none_id, self.image_id = self.key_id(NONE), self.key_id((IMAGE,))
 
     @property
     def n_images(self) -> int:
         return len(self.stored)
 
+    def key_id(self, key: tuple) -> int:
+        """The integer standing for ``key`` (the same key, the same integer)."""
+        found = self.ids.get(key)
+        if found is None:
+            found = self.ids[key] = len(self.meaning)
+            self.meaning.append(key)
+        return found
+
     def losses_of(self, candidates, indices=None, progress=None) -> np.ndarray:
-        pipelines = [self.pipeline.with_thresholds(t) for t in candidates]
-        params = [params_keys(p) for p in pipelines]
+        plans = [_Plan(self.pipeline.with_thresholds(t)) for t in candidates]
         chosen = list(range(self.n_images) if indices is None else indices)
-        out = np.empty((len(pipelines), len(chosen)))
+        out = np.empty((len(plans), len(chosen)))
         for column, i in enumerate(chosen):
-            for row, (pipeline, own) in enumerate(zip(pipelines, params)):
-                out[row, column] = self.loss(pipeline, i, own)
+            for row, plan in enumerate(plans):
+                out[row, column] = self.loss(plan, i)
             if progress is not None and (column + 1) % CHUNK == 0:
                 progress(CHUNK)
         if progress is not None and len(chosen) % CHUNK:
             progress(len(chosen) % CHUNK)
         return out
 
-    def loss(self, pipeline: Pipeline, i: int, params: dict[str, Any]) -> float:
-        """Image ``i``'s map metric under ``pipeline`` (memoised by the final map's key)."""
-        keys = self.keys(pipeline, i, params)
-        final = pipeline.nodes[pipeline.outputs.map]
-        loss_key = self._intern(("loss", keys[final.name]))
-        memo = self.memo[i]
-        if loss_key not in memo:
-            definition = None if final.is_model else OPS[final.type]
+    def loss(self, plan: _Plan, i: int) -> float:
+        """Image ``i``'s map metric under the plan's pipeline (memoised by the final map's key)."""
+        keys = self.keys(plan, i)
+        final = plan.final
+        key = keys[final.name]
+        memo = self.losses_memo[i]
+        if key not in memo:
+            definition = plan.final_definition
             if definition is not None and definition.counts is not None:
-                summary = self._summary(pipeline, i, keys, final.name)
-                memo[loss_key] = self.map_metric.loss_of_counts(definition.counts(summary, **final.params))
+                summary = self._summary(plan, i, keys, final)
+                memo[key] = self.map_metric.loss_of_counts(definition.counts(summary, **final.params))
             else:
-                memo[loss_key] = self.map_metric.loss(self.value(pipeline, i, keys, final.name), self.codes_of(i))
-        return memo[loss_key]
+                memo[key] = self.map_metric.loss(self.value(plan, i, keys, final.name), self.codes_of(i))
+        return memo[key]
 
     def final_map(self, thresholds: dict, i: int) -> np.ndarray:
         """The output map of image ``i`` (what `runner.postprocess` gives)."""
-        pipeline = self.pipeline.with_thresholds(thresholds)
-        keys = self.keys(pipeline, i, params_keys(pipeline))
-        return self.value(pipeline, i, keys, pipeline.outputs.map)
+        plan = _Plan(self.pipeline.with_thresholds(thresholds))
+        return self.value(plan, i, self.keys(plan, i), plan.final.name)
 
     def codes_of(self, i: int) -> np.ndarray:
         codes = self.codes.get(i)
@@ -190,54 +233,63 @@ class Evaluator(BaseEvaluator):
             self.codes.put(i, codes)
         return codes
 
-    def _intern(self, key: tuple) -> tuple:
-        return self.interned.setdefault(key, key)
-
-    def _summary(self, pipeline: Pipeline, i: int, keys: dict[str, tuple], name: str) -> np.ndarray:
-        node = pipeline.nodes[name]
-        cache_key = (i, "summary", tuple(keys[s] for s in node.inputs))
+    def _summary(self, plan: _Plan, i: int, keys: dict[str, int], node: Node) -> np.ndarray:
+        """The final op's summary of its inputs: its first input the map, the others fixed per image."""
+        cache_key = (i, "summary") + tuple(keys[s] for s in node.inputs)
         summary = self.arrays.get(cache_key)
         if summary is None:
-            values = [self.value(pipeline, i, keys, s) for s in node.inputs]
-            summary = OPS[node.type].summary(*values, self.codes_of(i))
+            definition = OPS[node.type]
+            prob_map = self.value(plan, i, keys, node.inputs[0])
+            context_key = (i, "context", prob_map.shape) + tuple(keys[s] for s in node.inputs[1:])
+            context = self.contexts.get(context_key)
+            if context is None:
+                others = [self.value(plan, i, keys, s) for s in node.inputs[1:]]
+                context = definition.context(prob_map.shape, *others, self.codes_of(i))
+                self.contexts.put(context_key, context)
+            summary = definition.summary(prob_map, context)
             self.arrays.put(cache_key, summary)
         return summary
 
-    def keys(self, pipeline: Pipeline, i: int, params: dict[str, Any]) -> dict[str, tuple]:
-        memo = self.memo[i]
-        keys: dict[str, tuple] = {IMAGE: (IMAGE,)}
-        for node in pipeline.nodes.values():
-            if node.is_model:
-                gated = node.when is not None and not keys[node.when][1]
-                keys[node.name] = ("=", None) if gated else ("model", node.name)
+    def keys(self, plan: _Plan, i: int) -> dict[str, int]:
+        """Node name -> key id for image ``i`` (scalar ops computed on the way)."""
+        memo, meaning = self.memo[i], self.meaning
+        keys: dict[str, int] = {IMAGE: self.image_id}
+        for step in plan.steps:
+            name = step.node.name
+            if step.is_model:
+                gated = step.gate is not None and not meaning[keys[step.gate]][1]
+                keys[name] = self.none_id if gated else self.key_id(("model", name))
                 continue
-            inputs = tuple(keys[s] for s in node.inputs)
-            own = OPS[node.type].used_params(params[node.name], [k[1] if k[0] == "=" else k for k in inputs])
-            key = self._intern((node.name, own, inputs))
-            if key not in memo and node.output in SCALAR_TYPES:
-                self.value(pipeline, i, keys, node.name, key)
-            keys[node.name] = self._intern(("=", memo[key])) if key in memo else key
+            inputs = tuple(keys[s] for s in step.inputs)
+            known = [meaning[k][1] if meaning[k][0] == "=" else k for k in inputs]  # scalar values, else key ids
+            definition = step.definition
+            if definition.none_if_all_none and definition.gives_none(known):
+                keys[name] = self.none_id
+                continue
+            own = step.params if definition.selected_by is None else definition.used_params(step.params, known)
+            key = self.key_id((name, own) + inputs)
+            if step.scalar:
+                if key not in memo:
+                    memo[key] = evaluate_op(step.node, {s: self.value(plan, i, keys, s) for s in step.inputs})
+                key = self.key_id(("=", memo[key]))
+            keys[name] = key
         return keys
 
-    def value(self, pipeline: Pipeline, i: int, keys: dict[str, tuple], name: str, key: tuple | None = None) -> Any:
-        key = keys[name] if key is None else key
-        if key[0] == "=":
-            return key[1]
-        if key == (IMAGE,):
+    def value(self, plan: _Plan, i: int, keys: dict[str, int], name: str) -> Any:
+        key = keys[name]
+        meaning = self.meaning[key]
+        if meaning[0] == "=":
+            return meaning[1]
+        if key == self.image_id:
             return self.stored[i][IMAGE]
-        if key[0] == "model":
+        if meaning[0] == "model":
             return self._model_value(i, name)
-        if key in self.memo[i]:
-            return self.memo[i][key]
         hit = self.arrays.get((i, key))
         if hit is not None:
             return hit
-        node = pipeline.nodes[name]
-        result = evaluate_op(node, {s: self.value(pipeline, i, keys, s) for s in node.inputs})
-        if isinstance(result, np.ndarray):
-            self.arrays.put((i, key), result)
-        else:
-            self.memo[i][key] = result
+        node = plan.pipeline.nodes[name]
+        result = evaluate_op(node, {s: self.value(plan, i, keys, s) for s in node.inputs})
+        self.arrays.put((i, key), result)
         return result
 
     def _model_value(self, i: int, name: str) -> Any:
@@ -264,6 +316,9 @@ def default_workers() -> int:
 
 def _serve(connection: Any, evaluator: Evaluator) -> None:
     """A worker's loop: (candidates, image indices) in, per-image losses out, until None."""
+    import torch
+
+    torch.set_num_threads(1)  # one process per CPU: torch's own threads would only fight over them (resize)
     while True:
         message = connection.recv()
         if message is None:
@@ -289,6 +344,7 @@ class ParallelEvaluator(BaseEvaluator):
         evaluator.arrays.budget //= workers
         evaluator.loaded.budget //= workers
         evaluator.codes.budget //= workers
+        evaluator.contexts.budget //= workers
         self.connections, self.processes = [], []
         for _ in range(workers):
             parent, child = context.Pipe()

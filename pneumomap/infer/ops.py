@@ -69,10 +69,22 @@ class NodeDef:
     # (input role, its value when absent): the op reads only ``params[<that input's value>]`` (overestimate
     # reads the amounts of its level), so that what a result depends on can be known without running it
     selected_by: tuple[str, str] | None = None
-    # a final op whose metric follows from a histogram (clip): ``summary(*inputs, codes)`` once per input,
-    # then ``counts(summary, **params)`` = `metrics.joint_counts` of the op's output with those codes
+    # a final op whose metric follows from a histogram (clip): ``context(map shape, <other inputs>, codes)``
+    # once per image, ``summary(map, context)`` once per map input, then ``counts(summary, **params)`` =
+    # `metrics.joint_counts` of the op's output with those codes
+    context: Callable[..., Any] | None = None
     summary: Callable[..., np.ndarray] | None = None
     counts: Callable[..., np.ndarray] | None = None
+    # input roles that, all None (gated out), make the output None whatever the parameters (combine, overestimate)
+    none_if_all_none: tuple[str, ...] = ()
+
+    def gives_none(self, inputs: Sequence[Any]) -> bool:
+        """Whether the output is None for these input values (by position; missing optional inputs are None)."""
+        if not self.none_if_all_none:
+            return False
+        names = [r.name for r in self.inputs]
+        return all(inputs[names.index(role)] is None for role in self.none_if_all_none
+                   if names.index(role) < len(inputs))
 
     def used_params(self, params: dict[str, Any], inputs: Sequence[Any]) -> Any:
         """The part of ``params`` a node reads, given its inputs' values (or keys) by position."""
@@ -231,18 +243,31 @@ def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, out
     return np.where(lungs.mask_at(prob_map.shape), values, np.uint8(outside))
 
 
-def clip_summary(prob_map: np.ndarray, lungs: Lungs, codes: np.ndarray) -> np.ndarray:
-    """int64 (N_CODES, 257) of `clip`'s input against the reference codes: per code, the lung pixels at
-    each byte ``rint(p * 255)`` (columns 0-255, clamped to that range) and the pixels outside the lungs
-    (column 256). Every `clip` of this input has its `metrics.joint_counts` in `clip_counts`."""
+def clip_context(map_shape: tuple[int, int], lungs: Lungs, codes: np.ndarray) -> tuple:
+    """What `clip_summary` needs of an image besides its map, computed once per image: the lung mask at
+    the map's size, each lung pixel's row offset (code * 257) and the outside pixels' count per code."""
     from pneumomap.metrics import N_CODES
 
-    scaled = prob_map.astype(np.float64)
-    scaled *= 255.0
+    inside = lungs.mask_at(map_shape)
+    codes = np.asarray(codes)
+    outside = np.bincount(codes[~inside].ravel(), minlength=N_CODES)[:N_CODES]
+    return inside, codes[inside].astype(np.uint16) * np.uint16(257), outside
+
+
+def clip_summary(prob_map: np.ndarray, context: tuple) -> np.ndarray:
+    """int64 (N_CODES, 257) of `clip`'s input against the reference codes (`clip_context`): per code, the
+    lung pixels at each byte ``rint(p * 255)`` (columns 0-255, clamped to that range) and the pixels
+    outside the lungs (column 256). Every `clip` of this input has its `metrics.joint_counts` in `clip_counts`."""
+    from pneumomap.metrics import N_CODES
+
+    inside, offsets, outside = context
+    scaled = np.multiply(prob_map[inside], 255.0, dtype=np.float64)  # as `clip`: float64, so rint rounds as it does
     np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled)
-    column = np.where(lungs.mask_at(prob_map.shape), scaled.astype(np.intp), 256)
-    flat = np.asarray(codes).ravel().astype(np.intp) * 257 + column.ravel()
-    return np.bincount(flat, minlength=N_CODES * 257)[:N_CODES * 257].reshape(N_CODES, 257)
+    column = scaled.astype(np.uint16)
+    column += offsets  # at most 5 * 257 + 255: fits
+    counts = np.bincount(column, minlength=N_CODES * 257)[:N_CODES * 257].reshape(N_CODES, 257)
+    counts[:, 256] += outside
+    return counts
 
 
 def clip_counts(summary: np.ndarray, low: int = 10, high: int = 245, outside: int = 1) -> np.ndarray:
@@ -285,11 +310,11 @@ OPS: dict[str, NodeDef] = {
         (Role("lungs", ("lungs",)), Role("whole", ("map",)), Role("right", ("lungmap",), True),
          Role("left", ("lungmap",), True), Role("right_choice", ("choice",), True),
          Role("left_choice", ("choice",), True)), "map", {}, combine,
-        "whole-image map with each lung formed by its choice"),
+        "whole-image map with each lung formed by its choice", none_if_all_none=("whole", "right", "left")),
     "overestimate": NodeDef(
         (Role("map", ("map",)), Role("level", ("level",), True)), "map",
         {"low": _AMOUNTS, "high": _AMOUNTS}, overestimate, "dilate and raise the map by the level's amounts",
-        selected_by=("level", "low")),
+        selected_by=("level", "low"), none_if_all_none=("map",)),
     "resize": NodeDef((Role("map", ("map",)), Role("image", ("image",))), "fullmap", {}, resize,
                       "resize the map to the original image size"),
     "mask": NodeDef((Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "fullmap", {}, mask,
@@ -300,5 +325,5 @@ OPS: dict[str, NodeDef] = {
          "outside": Param("int", *MAP8_RANGE, 1)},
         clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255",
         check=lambda p: f"low ({p['low']}) is above high ({p['high']})" if p["low"] > p["high"] else None,
-        summary=clip_summary, counts=clip_counts),
+        context=clip_context, summary=clip_summary, counts=clip_counts),
 }
