@@ -13,14 +13,15 @@ import torch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> the local CUDA device when present (honours LOCAL_RANK under torchrun), else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    """'auto' -> the local CUDA device when present, else CPU; 'auto' and 'cuda' (no index) take the
+    local device, cuda:LOCAL_RANK under torchrun (NCCL and DDP need a device with its index)."""
+    if name == "auto" and not torch.cuda.is_available():
         return torch.device("cpu")
-    device = torch.device(name)
+    device = torch.device("cuda" if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device auto or cpu)")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return device
 
 

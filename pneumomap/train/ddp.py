@@ -25,9 +25,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun) set up the env:// rendezvous for this process."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def setup(device: torch.device) -> bool:
-    """Join the torchrun process group when WORLD_SIZE > 1; returns whether training is distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Join the torchrun process group (one rank too: the same DDP and NCCL path as N ranks);
+    returns whether training is distributed."""
+    if not launched() or dist.is_initialized():
         return dist.is_initialized()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -82,7 +88,9 @@ def mean(value: float, count: int) -> float:
     """The weighted mean of a per-rank average (e.g. a loss over ``count`` samples) over all ranks."""
     if not dist.is_initialized():
         return value
-    total = torch.tensor([value * count, float(count)], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([value * count, float(count)], dtype=torch.float64, device=on)
     dist.all_reduce(total)
     return float(total[0] / total[1].clamp_min(1.0))
 
