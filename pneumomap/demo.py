@@ -130,8 +130,8 @@ def run_demo(out: Path, n: int, size: int, seed: int, device: str, overrides: li
                                               log=logs / f"train_{stage}.log")
 
     pipeline = write_demo_pipeline(models, out / "pipeline.yaml")
-    tuned = out / "pipeline_tuned.yaml"
-    seconds["tune"] = pneumomap("tune", "--pipeline", pipeline, "--val", data, "--out", tuned,
+    tuned = out / "tuned" / "pipeline.yaml"  # what `tune --out DIR` writes
+    seconds["tune"] = pneumomap("tune", "--pipeline", pipeline, "--val", data, "--out", tuned.parent,
                                 "--device", device, "--work", out / "tune_work", log=logs / "tune.log")
     submissions = {"untuned": out / "submission_untuned", "tuned": out / "submission"}
     for name, yaml_path in (("untuned", pipeline), ("tuned", tuned)):

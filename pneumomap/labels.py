@@ -6,8 +6,14 @@ Folder layout (the phantom generator writes exactly this)::
     DIR/stage_2_train_labels.csv         patientId,x,y,width,height,Target  (one row per box;
                                          a negative image: one row, empty box fields, Target 0)
     DIR/stage_2_detailed_class_info.csv  patientId,class
-    DIR/lung_masks/<patientId>.png       lung = 255, background 0, same size as the image
+    DIR/lung_masks/<patientId>.png       lung = 255, background 0, same size as the image (drawn;
+                                         may cover only some images)
+    DIR/lung_masks_predicted/<patientId>.png  the others, predicted once by `pneumomap fill-masks`
+                                         (+ manifest.csv: which are drawn, which predicted, by which checkpoint)
     DIR/split.csv                        patientId,split  (train / val / test, by patient)
+
+Whatever needs a lung mask for every image reads it through `RsnaDataset.lung_mask_path` (drawn, else
+predicted, else `MissingLungMaskError` telling the user to run `pneumomap fill-masks`).
 
 Sides are the patient's: ``right`` = the image's left (see `pneumomap.stages.lung_geometry`).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,8 @@ IMAGES_DIR = "stage_2_train_images"
 LABELS_FILE = "stage_2_train_labels.csv"
 CLASS_FILE = "stage_2_detailed_class_info.csv"
 MASKS_DIR = "lung_masks"
+PREDICTED_MASKS_DIR = "lung_masks_predicted"
+MASK_MANIFEST = "manifest.csv"  # in PREDICTED_MASKS_DIR: patientId,source,checkpoint_sha256,reason
 SPLIT_FILE = "split.csv"
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_COLUMNS = ("patientId", "class")
@@ -40,6 +49,10 @@ SPLITS = ("train", "val", "test")
 
 class LabelError(ValueError):
     """A label, class or split file that cannot be used; the message names file and line."""
+
+
+class MissingLungMaskError(LabelError):
+    """Images that need a lung mask have neither a drawn nor a predicted one; the message names them and the fix."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +80,78 @@ class RsnaDataset:
         return self.root / IMAGES_DIR / f"{pid}.dcm"
 
     def mask_path(self, pid: str) -> Path:
+        """The drawn lung mask's path (whether or not it exists)."""
         return self.root / MASKS_DIR / f"{pid}.png"
+
+    def predicted_mask_path(self, pid: str) -> Path:
+        """The predicted lung mask's path (`pneumomap fill-masks`; whether or not it exists)."""
+        return self.root / PREDICTED_MASKS_DIR / f"{pid}.png"
+
+    def lung_mask_path(self, pid: str) -> Path:
+        """THE lung mask of an image: the drawn one, else the predicted one; `MissingLungMaskError` when neither
+        exists (it names the image and the command that predicts the missing masks)."""
+        for path in (self.mask_path(pid), self.predicted_mask_path(pid)):
+            if path.is_file():
+                return path
+        raise MissingLungMaskError(f"{pid}: no lung mask ({self.mask_path(pid)} is not drawn and "
+                                   f"{self.predicted_mask_path(pid)} not predicted); {fill_hint(self.root)}")
+
+    def lung_mask(self, pid: str) -> np.ndarray:
+        """`read_lung_mask` of `lung_mask_path`."""
+        return read_lung_mask(self.lung_mask_path(pid))
+
+    def mask_sources(self, ids: list[str]) -> dict[str, list[str]]:
+        """``ids`` by where their lung mask comes from: 'drawn', 'predicted', 'unreadable' (no mask: the fill
+        could not read the image, see its manifest) or 'missing' (two folder listings and the manifest)."""
+        drawn, predicted = (_png_stems(self.root / name) for name in (MASKS_DIR, PREDICTED_MASKS_DIR))
+        unreadable = _unreadable_in_manifest(self.root / PREDICTED_MASKS_DIR / MASK_MANIFEST)
+        sources: dict[str, list[str]] = {"drawn": [], "predicted": [], "unreadable": [], "missing": []}
+        for pid in ids:
+            source = ("drawn" if pid in drawn else "predicted" if pid in predicted
+                      else "unreadable" if pid in unreadable else "missing")
+            sources[source].append(pid)
+        return sources
+
+    def require_lung_masks(self, ids: list[str], what: str = "") -> dict[str, int]:
+        """Counts of drawn and predicted lung masks of ``ids``; ONE `MissingLungMaskError` for all that have none
+        (images the fill found unreadable pass: they are skipped as unreadable where they are read)."""
+        sources = self.mask_sources(ids)
+        missing = sources.pop("missing")
+        sources.pop("unreadable")
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise MissingLungMaskError(
+                f"{self.root}: {len(missing)} of {len(ids)} image(s){what} have no lung mask, neither drawn "
+                f"({MASKS_DIR}/<patientId>.png) nor predicted ({PREDICTED_MASKS_DIR}/<patientId>.png): {shown}; "
+                f"{fill_hint(self.root)}")
+        return {name: len(found) for name, found in sources.items()}
 
     def ids_in(self, split: str) -> list[str]:
         """The ids of one split, in label-file order."""
         return [pid for pid in self.ids if self.split.get(pid) == split]
+
+
+def fill_hint(root: str | Path) -> str:
+    """How to predict the lung masks that were not drawn."""
+    return (f"predict the missing ones once with a trained lung stage: pneumomap fill-masks --data {root} "
+            "--lungs runs/lungs (see README, 'Real RSNA')")
+
+
+def _png_stems(folder: Path) -> set[str]:
+    """Stems of the .png files directly in ``folder`` (empty when it does not exist)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name[:-4] for e in entries if e.name.endswith(".png") and e.is_file()}
+    except FileNotFoundError:
+        return set()
+
+
+def _unreadable_in_manifest(path: Path) -> set[str]:
+    """The ids `pneumomap fill-masks` could not read (source 'unreadable' in its manifest)."""
+    if not path.is_file():
+        return set()
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["patientId"] for row in csv.DictReader(handle) if row.get("source") == "unreadable"}
 
 
 def read_lung_mask(path: str | Path) -> np.ndarray:

@@ -18,6 +18,9 @@ writes under --out (the organisers' starting kit: QTIM-Lab/Challenges, XAI/start
       node's `checkpoint:`, now checkpoints/<node> (a copy of the checkpoint it resolved to). The one
       description file is --description (.pdf, .docx or .txt) or, without it, algorithm_description.txt
       GENERATED from the pipeline, the checkpoints' configs and their training runs: edit it.
+      With --set, pipeline.yaml is --pipeline with those items written in (a comment names them).
+  provenance.json: what the uploads were made from: versions, the command line, the pipeline's and
+      each checkpoint's sha256, the --set items (`pneumomap.provenance`).
 
 Check a package locally before uploading:
   bash submission/program/entrypoint.sh IMAGES/ OUT/ submission/program   (any working directory;
@@ -75,15 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the wheels are downloaded for it (default: %(default)s)")
     parser.add_argument("--glibc", default=DEFAULT_GLIBC, help="the base image's glibc (MAJOR.MINOR): wheels for "
                         "manylinux up to this version are accepted (default: %(default)s, Ubuntu 22.04)")
+    from pneumomap.overrides import add_set_argument
+
+    add_set_argument(parser, "a key of the pipeline, e.g. thresholds.classifier=0.8 (relative checkpoint paths: to the "
+                     "pipeline file, as in it); the packaged pipeline.yaml has them written in")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pneumomap.infer.spec import PipelineError
+    from pneumomap import provenance
+    from pneumomap.fileio import atomic_write_text
+    from pneumomap.infer.spec import PipelineError, load
+    from pneumomap.overrides import write_pipeline
 
     try:
         started = datetime.datetime.now()
-        result = package(args.pipeline, args.out, description=args.description, base_image=args.base_image,
-                         python_version=args.python_version, glibc=args.glibc)
+        pipeline = load(args.pipeline, overrides=args.overrides)
+        with tempfile.TemporaryDirectory() as given:  # the pipeline with the --set items written in
+            path = write_pipeline(pipeline, Path(given) / "pipeline.yaml") if args.overrides else args.pipeline
+            result = package(path, args.out, description=args.description, base_image=args.base_image,
+                             python_version=args.python_version, glibc=args.glibc)
+        record = provenance.build(pipeline)  # beside the uploads: what they were made from
+        atomic_write_text(Path(args.out) / "provenance.json", json.dumps(record, indent=2) + "\n")
     except (PackageError, PipelineError, OSError) as exc:  # OSError: a file that cannot be read or written
         print(f"pneumomap package: error: {exc}", file=sys.stderr)
         return 2

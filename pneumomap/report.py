@@ -268,6 +268,6 @@ def main(args: argparse.Namespace) -> int:
                             box_level=args.box_level, work=args.work)
     except (ValueError, OSError, UnreadableImageError) as error:
         print(f"pneumomap report: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {page}")
     return 0

@@ -427,9 +427,9 @@ def main(args: argparse.Namespace) -> int:
         result = score_submission(args.pred, truth, threshold=args.threshold, truth_def=args.truth_def,
                                   pos_weight=args.pos_weight, neg_weight=args.neg_weight, split=args.split,
                                   metric=args.metric, work=args.work)
-    except (ValueError, OSError) as error:  # SubmissionError, label errors, missing files
+    except (ValueError, OSError) as error:  # SubmissionError, label errors, missing files: unusable input
         print(f"pneumomap score: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     for note in notes + result["warnings"]:
         print(f"pneumomap score: warning: {note}", file=sys.stderr)
     print(format_table(result))

@@ -355,12 +355,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positive-fraction", type=float, default=1 / 3, help="share of 'Lung Opacity' images")
     parser.add_argument("--split", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VAL", "TEST"),
                         help="split fractions by patient (default 0.6 0.2 0.2)")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    from pneumomap.cli import add_quiet_argument, add_workers_argument
+
+    add_workers_argument(parser, 1, "worker processes that draw and write the images (default 1)")
+    add_quiet_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     records = generate(args.out, args.n, args.seed, args.size, fractions=tuple(args.split),
-                       positive_fraction=args.positive_fraction, n_jobs=args.jobs, progress=True)
+                       positive_fraction=args.positive_fraction, n_jobs=args.workers, progress=not args.quiet)
     positives = sum(r.target for r in records)
     print(f"wrote {len(records)} images ({positives} with opacity) to {args.out}")
     return 0

@@ -15,6 +15,7 @@ map's shape, the input of every `pneumomap.metrics.MapMetric`), ``boxes`` and ``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from fractions import Fraction
@@ -77,16 +78,17 @@ def truth_mask(dataset, pid: str, shape: tuple[int, int], truth_def: str = DEFAU
     ``shape`` must be the lung mask's (the original image's) when the lung mask takes part, and is checked
     against the lung mask's size whenever that file exists.
     """
-    from pneumomap.labels import box_mask, opacity_target, read_lung_mask
+    from pneumomap.labels import MissingLungMaskError, box_mask, opacity_target, read_lung_mask
 
     if truth_def not in TRUTH_DEFS:
         raise ValueError(f"unknown truth definition {truth_def!r}; choose one of {TRUTH_DEFS}")
     boxes = dataset.boxes.get(pid, [])
-    mask_path = dataset.mask_path(pid)
     if truth_def == "boxes":
-        if mask_path.is_file():
+        with contextlib.suppress(MissingLungMaskError):  # a lung mask, where there is one, checks the shape
+            mask_path = dataset.lung_mask_path(pid)
             _check_shape(pid, shape, _png_shape(mask_path), mask_path, "lung mask")
         return box_mask(boxes, shape)
+    mask_path = dataset.lung_mask_path(pid)  # drawn, else predicted
     lungs = read_lung_mask(mask_path)
     _check_shape(pid, shape, lungs.shape, mask_path, "lung mask")
     return opacity_target(boxes, lungs, ellipse=truth_def == "ellipses")
@@ -184,6 +186,8 @@ class RsnaTruth(Truth):
         self.box_code = np.uint8(metrics.MIDRC_LEVELS.index(self.box_level))
         self.ids = select_ids(self.dataset, split)
         self.selected = split is not None
+        if truth_def != "boxes":  # the lungs take part: one error for every image without a mask, before any work
+            self.dataset.require_lung_masks(self.ids, f" of the truth{f' (split {split})' if split else ''}")
 
     def label(self, image_id: str) -> int:
         return int(self.dataset.target.get(image_id, 0))

@@ -24,7 +24,7 @@ def folder(tmp_path) -> Path:
 
 
 def run_json(capsys, *argv: str) -> tuple[int, list[dict]]:
-    status = main(["inspect", *argv, "--json", "--jobs", "2"])
+    status = main(["inspect", *argv, "--json", "--workers", "2"])
     lines = capsys.readouterr().out.splitlines()
     return status, [json.loads(line) for line in lines]
 
@@ -70,4 +70,4 @@ def test_single_file_and_empty_directory(tmp_path, capsys):
     status, records = run_json(capsys, str(DICOM / GOOD[2]))
     assert status == 0 and records[0]["id"] == "nih_cxr_implicit_vr"
     status, records = run_json(capsys, str(tmp_path))
-    assert status == 1 and "no images" in records[0]["error"]
+    assert status == 2 and "no images" in records[0]["error"]  # nothing to inspect: unusable input

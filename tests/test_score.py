@@ -204,7 +204,7 @@ def test_no_predictions_at_all(tmp_path, capsys):
     pred = tmp_path / "empty"
     pred.mkdir()
     status = cli_main(["score", "--pred", str(pred), "--truth", str(truth)])
-    assert status == 1 and "predictions.csv" in capsys.readouterr().err
+    assert status == 2 and "predictions.csv" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- command line and files
@@ -367,7 +367,7 @@ def test_stray_png_in_a_midrc_submission_is_reported(organisers_case, capsys):
         score.score_submission(pred, organisers_case["ref"])
     status = cli_main(["score", "--pred", str(pred), "--truth", str(organisers_case["ref"])])
     err = capsys.readouterr().err
-    assert status == 1 and "a_stray.png" in err and "misalign every later image" in err and "sorted" in err
+    assert status == 2 and "a_stray.png" in err and "misalign every later image" in err and "sorted" in err
 
 
 def test_missing_png_in_a_midrc_submission_is_reported(organisers_case):

@@ -182,7 +182,7 @@ def test_cli(tuned, monkeypatch, tmp_path, capsys):
     assert "before" in printed and "stored outputs" in printed and str(out.resolve()) in printed
     assert (tmp_path / "plots" / "metric_vs_clip.low.png").is_file()
     assert cli_main(["tune", "--pipeline", str(tuned["pipeline"]), "--val", str(tmp_path / "nothing"),
-                     "--out", str(out)]) == 1
+                     "--out", str(out)]) == 2
     assert "pneumomap tune: error" in capsys.readouterr().err
 
 

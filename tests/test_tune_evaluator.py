@@ -152,3 +152,17 @@ def test_clip_counts_are_the_counts_of_the_clipped_map(seed, a, b, outside):
     expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
     summary = ops.clip_summary(prob, ops.clip_context(shape, Lungs(), codes))
     assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)
+
+
+def test_choice_rules_lone_dip_against_a_broad_valley():
+    # a lone dip at 0.2 (one image's luck) and a broad valley around 0.7
+    curve = tune.Curve([0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
+                       [1.0, 1.0, 0.50, 1.0, 0.9, 0.62, 0.60, 0.62, 0.9])
+    assert curve.values[tune.choose(curve, 0.0, "argmin")] == 0.2
+    assert curve.values[tune.choose(curve, 0.0, "smoothed")] == 0.7
+    assert tune.choose(curve, 0.2, "argmin") is None  # already at the lowest
+    assert tune.choose(curve, 0.7, "smoothed") is None  # already at the smoothed lowest
+    flat = tune.Curve([1, 2, 3], [0.5, 0.5, 0.5])
+    assert tune.choose(flat, 2, "argmin") is None and tune.choose(flat, 2, "smoothed") is None
+    with pytest.raises(ValueError, match="unknown choice rule"):
+        tune.choose(curve, 0.0, "median")

@@ -146,5 +146,6 @@ def summarize(pipeline: Pipeline, parts: list[dict], records: list[writers.Recor
         "precision": parts[0].get("precision"),
         "workers": parts[0].get("workers"),
         "streams": parts[0].get("streams"),
+        "provenance": parts[0].get("provenance"),  # `pneumomap.provenance`: what produced the run
         "merged": True,
     }

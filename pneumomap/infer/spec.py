@@ -104,6 +104,7 @@ class Pipeline:
     thresholds: dict[str, Any]
     outputs: Outputs
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # the --set items applied to the file's document
 
     @property
     def model_nodes(self) -> list[Node]:
@@ -117,11 +118,17 @@ class Pipeline:
         """The same pipeline with another thresholds block (validated again)."""
         raw = copy.deepcopy(self.raw)
         raw["thresholds"] = copy.deepcopy(thresholds)
-        return parse(raw, self.path, check_checkpoints=check_checkpoints)
+        pipeline = parse(raw, self.path, check_checkpoints=check_checkpoints)
+        pipeline.overrides = list(self.overrides)
+        return pipeline
 
 
-def load(path: str | Path, check_checkpoints: bool = True) -> Pipeline:
-    """Read and validate a pipeline file; raise `PipelineError` listing every problem."""
+def load(path: str | Path, check_checkpoints: bool = True, overrides: list[str] | None = None) -> Pipeline:
+    """Read and validate a pipeline file; raise `PipelineError` listing every problem.
+
+    ``overrides``: ``--set KEY=VALUE`` items (`pneumomap.overrides`) applied to the document before
+    it is validated, exactly as if the file said so; kept in ``Pipeline.overrides``.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -132,7 +139,28 @@ def load(path: str | Path, check_checkpoints: bool = True) -> Pipeline:
         raise PipelineError(path, [f"not valid YAML: {exc}"]) from None
     except UnicodeDecodeError as exc:
         raise PipelineError(path, [f"not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    return parse(raw, path, check_checkpoints=check_checkpoints)
+    if overrides:
+        raw = apply_overrides(raw, overrides, path)
+    pipeline = parse(raw, path, check_checkpoints=check_checkpoints)
+    pipeline.overrides = list(overrides or [])
+    return pipeline
+
+
+def may_override(key: tuple[str, ...]) -> bool:
+    """Whether ``--set`` may add ``key`` when the file lacks it: a key of an existing node (its
+    `NODE_KEYS` and parameters, checked by `parse`) or of ``outputs``; never a new node, top-level
+    key or thresholds entry (nothing would check that a new threshold is used)."""
+    return (key[0] == "nodes" and len(key) >= 3) or (key[0] == "outputs" and len(key) >= 2)
+
+
+def apply_overrides(raw: Any, overrides: list[str], path: str | Path = "<pipeline>") -> Any:
+    """The loaded document ``raw`` with ``--set`` items applied (`may_override`); `PipelineError` otherwise."""
+    from pneumomap.overrides import OverrideError, apply
+
+    try:
+        return apply(raw, overrides, may_add=may_override, where="the pipeline")
+    except OverrideError as exc:
+        raise PipelineError(path, [str(exc)]) from None
 
 
 def replace_thresholds(text: str, thresholds: dict[str, Any]) -> str:
@@ -173,12 +201,7 @@ def replace_checkpoints(text: str, raw_nodes: dict, new_values: dict[str, str]) 
     except yaml.YAMLError as exc:
         raise ValueError(f"the pipeline is not valid YAML: {exc}") from None
 
-    def child(mapping: Any, key: str) -> Any:
-        if isinstance(mapping, yaml.MappingNode):
-            for key_node, value_node in mapping.value:
-                if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
-                    return value_node
-        return None
+    from pneumomap.overrides import yaml_child as child
 
     def reads_back(plain: str) -> bool:  # written as a plain scalar, it loads as that same string
         try:

@@ -1,7 +1,7 @@
 """Tune a pipeline's thresholds on validation data, over stored model outputs only.
 
-    pneumomap tune --pipeline pipeline.yaml --val RSNA_DIR --out tuned/pipeline.yaml [--target-tnr 0.99]
-    pneumomap tune --pipeline pipeline.yaml --val REFERENCE_DIR --images DICOM_DIR --out tuned/pipeline.yaml
+    pneumomap tune --pipeline pipeline.yaml --val RSNA_DIR --out tuned/ [--target-tnr 0.99]   # tuned/pipeline.yaml
+    pneumomap tune --pipeline pipeline.yaml --val REFERENCE_DIR --images DICOM_DIR --out tuned/
 
 The truth is what `pneumomap score` reads (`pneumomap.truth`): an RSNA-format folder (boxes, as one
 reference level ``--box-level``) or a folder of the organisers' reference maps with their
@@ -55,7 +55,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pneumomap import metrics
+from pneumomap import metrics, provenance
 from pneumomap.fileio import atomic_write_text
 from pneumomap.infer.ops import MAP8_RANGE
 from pneumomap.infer import runner, spec, tune_folds
@@ -167,11 +167,35 @@ def sweep(evaluator: BaseEvaluator, thresholds: dict, path: Sequence[str], value
     return Curve(kept, evaluator.metrics_of(blocks, indices, progress) if blocks else [])
 
 
+CHOICES = ("argmin", "smoothed")
+DEFAULT_CHOICE = "argmin"
+
+
+def choose(curve: Curve, current: Any, rule: str = "argmin") -> int | None:
+    """The index of the value to move to on ``curve``, or None to stay at ``current``.
+
+    'argmin': the lowest metric, when it is below the current value's. 'smoothed': the lowest mean of a
+    value and its grid neighbours (a minimum that its neighbours confirm, not one image's luck), when that
+    mean is below the current value's own.
+    """
+    metrics_ = np.asarray(curve.metrics, dtype=np.float64)
+    here = curve.values.index(current) if current in curve.values else None
+    if rule == "argmin":
+        j = int(np.argmin(metrics_))
+        return j if here is None or metrics_[j] < metrics_[here] else None
+    if rule != "smoothed":
+        raise ValueError(f"unknown choice rule {rule!r}; choose one of {', '.join(CHOICES)}")
+    padded = np.concatenate(([metrics_[0]], metrics_, [metrics_[-1]]))  # edges: the end value counts twice
+    smooth = (padded[:-2] + padded[1:-1] + padded[2:]) / 3.0
+    j = int(np.argmin(smooth))
+    return j if here is None or smooth[j] < smooth[here] else None
+
+
 def coordinate_descent(evaluator: BaseEvaluator, start: dict, axes: Sequence[Axis], rounds: int = 3,
-                       progress: bool = True, indices: Sequence[int] | None = None
+                       progress: bool = True, indices: Sequence[int] | None = None, rule: str = "argmin"
                        ) -> tuple[dict, float, dict[str, Curve]]:
-    """Minimise the metric over ``indices`` (default all images) one axis at a time over its grid;
-    returns (thresholds, metric, last curve per axis)."""
+    """Minimise the metric over ``indices`` (default all images) one axis at a time over its grid, each
+    step chosen by ``rule`` (`choose`); returns (thresholds, metric, last curve per axis)."""
     from tqdm import tqdm
 
     n = evaluator.n_images if indices is None else len(indices)
@@ -187,8 +211,8 @@ def coordinate_descent(evaluator: BaseEvaluator, start: dict, axes: Sequence[Axi
                 curve = sweep(evaluator, current, axis.path, values, indices,
                               lambda k, width=len(values): bar.update(k * width))
             curves[axis.name] = curve
-            j = int(np.argmin(curve.metrics))
-            if curve.metrics[j] < best:
+            j = choose(curve, get_value(current, axis.path), rule)
+            if j is not None and curve.values[j] != get_value(current, axis.path):
                 current, best, changed = with_value(current, axis.path, curve.values[j]), curve.metrics[j], True
         if not changed:
             break
@@ -347,7 +371,8 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
          device: str = "auto", metric: str = "midrc", truth_def: str = "boxes_in_lungs", box_level: float = 1.0,
          pos_weight: float = 1.0, neg_weight: float = 1.0, images: str | Path | None = None,
          rounds: int = 3, folds: int | None = None, batch_size: int = 8, workers: int | None = None,
-         precision: str = "auto", progress: bool = True, search_workers: int | None = None) -> dict:
+         precision: str = "auto", progress: bool = True, search_workers: int | None = None,
+         choice: str = DEFAULT_CHOICE) -> dict:
     """Tune ``pipeline_path`` on the truth ``val_dir`` (`truth.load_truth`: an RSNA folder, ``split``
     of it, None = every image; or reference maps, whose radiographs are in ``images``) into ``out_path``.
 
@@ -380,7 +405,7 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
 
     evaluator = make_evaluator(Evaluator(pipeline, stored, truth, map_metric), search_workers)
     try:
-        result = _search(evaluator, pipeline, stored, truth_source, target_tnr, rounds, folds, progress)
+        result = _search(evaluator, pipeline, stored, truth_source, target_tnr, rounds, folds, progress, choice)
     finally:
         evaluator.close()
     result.update({
@@ -390,6 +415,7 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
         "work": str(work.resolve()), "plots": str(plots.resolve()), "ran_networks": ran,
         "metric": map_metric.name, "metric_name": _metric_name(map_metric), "truth": str(truth_source),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "provenance": provenance.build(pipeline, device=device, precision=precision),
     })
     shortfall = tnr_shortfall(result)
     if shortfall:
@@ -405,7 +431,7 @@ def tune(pipeline_path: str | Path, val_dir: str | Path, out_path: str | Path, *
 
 
 def _search(evaluator: BaseEvaluator, pipeline: Pipeline, stored: list[dict], truth_source: Any,
-            target_tnr: float, rounds: int, folds: int | None, progress: bool) -> dict:
+            target_tnr: float, rounds: int, folds: int | None, progress: bool, choice: str = "argmin") -> dict:
     """The gate at the target TNR, the coordinate descent, the curves, the in-sample and cross-validated gains."""
     negatives = [not truth_source.label(s["image_id"]) for s in stored]
     before = copy.deepcopy(pipeline.thresholds)
@@ -415,7 +441,7 @@ def _search(evaluator: BaseEvaluator, pipeline: Pipeline, stored: list[dict], tr
     axes = [a for a in AXES if has_path(before, a.path)]
     metric_before = evaluator.metric(before)
     metric_start = evaluator.metric(start)
-    after, metric_after, curves = coordinate_descent(evaluator, start, axes, rounds, progress)
+    after, metric_after, curves = coordinate_descent(evaluator, start, axes, rounds, progress, rule=choice)
     if has_path(before, CLASSIFIER):
         probs = [float(s[pipeline.outputs.probability]) for s in stored]
         grid = sorted({round(float(q), 4) for q in np.quantile(probs, np.linspace(0, 1, 11))}
@@ -442,7 +468,7 @@ def _search(evaluator: BaseEvaluator, pipeline: Pipeline, stored: list[dict], tr
     if k >= 2:
         cross = tune_folds.cross_validate(
             evaluator, before, start_of,
-            lambda train, fold_start: coordinate_descent(evaluator, fold_start, axes, rounds, False, train)[0],
+            lambda train, fold_start: coordinate_descent(evaluator, fold_start, axes, rounds, False, train, choice)[0],
             k, lambda thresholds: _flat(thresholds, paths))
     return {
         "metric_before": metric_before, "metric_start": metric_start, "metric_after": metric_after,
@@ -450,7 +476,7 @@ def _search(evaluator: BaseEvaluator, pipeline: Pipeline, stored: list[dict], tr
         "parameters_before": _flat(before, paths), "parameters_after": _flat(after, paths),
         "searched": [a.name for a in axes], "n_images": len(stored), "n_negatives": int(sum(negatives)),
         "target_tnr": target_tnr, "achieved_tnr": tnr, "in_sample": in_sample, "cross_validation": cross,
-        "rounds": rounds, "evaluations": evaluator.evaluations,
+        "rounds": rounds, "choice": choice, "evaluations": evaluator.evaluations,
         "curves": {k: {"values": c.values, "metrics": c.metrics} for k, c in curves.items()},
     }
 
@@ -502,7 +528,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", required=True, type=Path, help="the truth: an RSNA-format folder (images, labels, "
                         "lung masks) or a folder of reference maps <name>.npy|png with image-level-classifications.csv")
     parser.add_argument("--images", type=Path, help="the radiographs of a reference-map truth (matched by file stem)")
-    parser.add_argument("--out", required=True, type=Path, help="where to write the tuned pipeline YAML")
+    parser.add_argument("--out", required=True, type=Path, help="the folder to write the tuned pipeline into: "
+                        "OUT/pipeline.yaml, OUT/pipeline.tune.json, the plots and (default) the stored outputs "
+                        "(a path ending in .yaml names the file itself: deprecated)")
     parser.add_argument("--target-tnr", type=float, default=0.99,
                         help="true-negative rate of the classifier gate on the validation negatives (default 0.99)")
     parser.add_argument("--split", default="val", help="split of split.csv to tune on (default val; 'all' for every image)")
@@ -513,27 +541,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="coordinate-descent rounds at most (default 3)")
     parser.add_argument("--folds", type=int, default=None, help="cross-validate the tuning over K folds to report "
                         "the gain to expect on new images (default: 5 with at least 50 images, else 0 = none)")
+    parser.add_argument("--choice", choices=CHOICES, default=DEFAULT_CHOICE,
+                        help="how each step picks a value on its grid: argmin (the lowest metric) or smoothed (the "
+                        f"lowest mean of a value and its two grid neighbours); default {DEFAULT_CHOICE}")
     parser.add_argument("--batch-size", type=int, default=8, help="images per network batch")
-    parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: as infer)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes: decoding for the network run "
+                        "(default: as infer) and the search over the stored outputs (default: one per CPU)")
     from pneumomap.infer.cli import add_precision_argument
 
     add_precision_argument(parser)
+    from pneumomap.cli import add_quiet_argument
+    from pneumomap.overrides import add_set_argument
+
+    add_set_argument(parser, "a key of the pipeline, e.g. nodes.classifier.checkpoint=runs/cls2 (relative to the "
+                     "pipeline file, as in it); the pipeline tuned, with them written in, is OUT/pipeline.given.yaml")
+    add_quiet_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    from pneumomap.overrides import write_pipeline
+
+    out = args.out
+    if out.suffix.lower() in (".yaml", ".yml"):
+        print("pneumomap tune: warning: --out FILE.yaml is deprecated and will be removed; give a folder (the tuned "
+              "pipeline is written as FOLDER/pipeline.yaml)", file=sys.stderr)
+    else:
+        out = out / "pipeline.yaml"
     try:
-        with warnings.catch_warnings():  # printed below as one line
+        pipeline_path, invoked = args.pipeline, contextlib.nullcontext()
+        if args.overrides:  # tune a copy with the --set items written in; the provenance names the user's file
+            pipeline_path = write_pipeline(spec.load(args.pipeline, overrides=args.overrides),
+                                           out.with_name(f"{out.stem}.given.yaml"))
+            invoked = provenance.invoked(args.pipeline, args.overrides)
+        with invoked, warnings.catch_warnings():  # warnings printed below as one line
             warnings.filterwarnings("ignore", message="the classifier gate's true-negative rate", category=UserWarning)
             warnings.filterwarnings("ignore", message="the cross-validated gain", category=UserWarning)
-            result = tune(args.pipeline, args.val, args.out, target_tnr=args.target_tnr,
+            result = tune(pipeline_path, args.val, out, target_tnr=args.target_tnr, progress=not args.quiet,
                           split=None if args.split == "all" else args.split, work=args.work, plots=args.plots,
                           device=args.device, metric=args.metric, truth_def=args.truth_def, box_level=args.box_level,
                           pos_weight=args.pos_weight, neg_weight=args.neg_weight, images=args.images,
                           rounds=args.rounds, folds=args.folds, batch_size=args.batch_size,
-                          workers=args.workers, precision=args.precision)
+                          workers=args.workers, precision=args.precision, search_workers=args.workers,
+                          choice=args.choice)
     except (TuneError, runner.RunError, ValueError, OSError) as error:  # PipelineError, SubmissionError are ValueErrors
         print(f"pneumomap tune: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"tuned on {result['n_images']} images ({'networks ran' if result['ran_networks'] else 'stored outputs'}, "
           f"{result['evaluations']} evaluations, {result['seconds']['total']:.1f} s)")
     print(f"{result['metric_name']}: {result['metric_before']:.5f} before -> {result['metric_after']:.5f} after")

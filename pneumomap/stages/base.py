@@ -255,10 +255,13 @@ def read_config(directory: str | os.PathLike) -> tuple[str, StageConfig]:
     return data["kind"], make_config(data["kind"], data.get("config"), where=f"{path}: config")
 
 
-def load_stage(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> Stage:
+def load_stage(directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+               overrides: list[str] | None = None) -> Stage:
     """Rebuild a saved stage from ``directory`` alone (config.yaml + weights.safetensors), in eval mode.
 
-    A directory holding ``best/`` (a training run) means ``directory/best``.
+    A directory holding ``best/`` (a training run) means ``directory/best``. ``overrides``: ``--set
+    KEY=VALUE`` items (`pneumomap.overrides`) applied to the saved config before it is validated, as
+    if config.yaml said so (e.g. ``flip_tta=true``); one that changes the network's shape is refused.
     """
     from safetensors.torch import load_file
 
@@ -266,6 +269,8 @@ def load_stage(directory: str | os.PathLike, map_location: str | torch.device = 
     if not (directory / CONFIG_FILE).exists() and (directory / "best" / CONFIG_FILE).exists():
         directory = directory / "best"
     kind, cfg = read_config(directory)
+    if overrides:
+        cfg = override_config(kind, cfg, overrides, directory / CONFIG_FILE)
     from pneumomap.stages.encoders import weights_follow
 
     with weights_follow():  # the checkpoint holds every weight: no backbone file is read
@@ -282,8 +287,22 @@ def load_stage(directory: str | os.PathLike, map_location: str | torch.device = 
     try:
         stage.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        if overrides:
+            raise ConfigError(f"--set {' '.join(overrides)}: changes the network of {directory}; its weights do not "
+                              "fit it (override only what does not change the weights, e.g. flip_tta)") from None
         raise RuntimeError(f"{weights}: does not match its {CONFIG_FILE}: {exc}") from None
     return stage.to(map_location).eval()
+
+
+def override_config(kind: str, cfg: StageConfig, overrides: list[str], where: str | os.PathLike) -> StageConfig:
+    """``cfg`` with ``--set`` items applied to its fields, validated like the file; `ConfigError` otherwise."""
+    from pneumomap.overrides import OverrideError, apply
+
+    try:
+        data = apply(cfg.to_dict(), overrides, where=f"the {kind} config of {where}")
+    except OverrideError as exc:
+        raise ConfigError(str(exc)) from None
+    return make_config(kind, data, where=f"{where}: config (with --set)")
 
 
 def _without_pretrained(cfg: StageConfig) -> StageConfig:

@@ -2,7 +2,8 @@
 the SHA-1 of the corrected pixel array (float32, little-endian, C order), or why it cannot be read.
 
 Run it on a test set before a long run to see whether every file decodes. The exit status is 1
-when any file could not be read (and 0 otherwise).
+when any file could not be read, 2 when there is nothing to read (no such file or folder, no
+image in it), 0 otherwise.
 
 examples:
   pneumomap inspect scans/                 one line per file
@@ -30,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="FILE|DIR|LIST",
                         help="an image file, a folder (searched recursively) or a .txt list of paths")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
-    parser.add_argument("--jobs", type=int, default=2, metavar="N", help="decoding worker processes (default 2)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    from pneumomap.cli import add_quiet_argument, add_workers_argument
+
+    add_workers_argument(parser, 2, "decoding worker processes (default 2)")
+    add_quiet_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,9 +42,10 @@ def main(args: argparse.Namespace) -> int:
         paths = list_images(args.source)
     except UnreadableImageError as exc:
         _emit(_error_record(exc), args.json)
-        return 1
+        print(f"pneumomap inspect: error: {exc}", file=sys.stderr)
+        return 2  # nothing to inspect: unusable input
     failures = 0
-    for record in _progress(map_images(summarize, paths, n_jobs=args.jobs), len(paths), args.no_progress):
+    for record in _progress(map_images(summarize, paths, n_jobs=args.workers), len(paths), args.quiet):
         failures += record["error"] is not None
         _emit(record, args.json)
     if failures:

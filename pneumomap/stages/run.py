@@ -8,6 +8,8 @@
                (a lung-half mapper's map is pasted into its lung box, 0 elsewhere)
   gradcam      OUT/maps/<id>.png    Grad-CAM of a classifier checkpoint ('gradcam++' for Grad-CAM++)
 
+OUT/provenance.json records the versions, the command line, the checkpoints' sha256, the device and
+precision and the --set items (`pneumomap.provenance`).
 --npy also writes the float maps (lung probabilities / opacity maps) as OUT/<masks|maps>/<id>.npy
 at the model's input size. Stages on lung halves (regressor, mapper with source regressor)
 need the lungs: --lungs DIR (a lungs checkpoint) or --fixed-crops (the fixed lung-region
@@ -23,7 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import logging
+import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,8 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per network call on CUDA (default: 8); the CPU takes one at a time")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="image-decoding worker processes (default: 4 beside a GPU, 0 on the CPU)")
+    from pneumomap.cli import add_quiet_argument, add_workers_argument
+    from pneumomap.overrides import add_set_argument
+
+    add_workers_argument(parser, None, "image-decoding worker processes (default: 4 beside a GPU, 0 on the CPU)")
+    add_quiet_argument(parser)
+    add_set_argument(parser, "a key of the checkpoint's config.yaml config, e.g. flip_tta=true (not one that "
+                     "changes the network)")
     parser.add_argument("--npy", action="store_true", help="also write the float maps as .npy (model input size)")
     from pneumomap.infer.cli import add_precision_argument
 
@@ -58,7 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be at least 1")
     device = resolve_device(args.device)
     precision = inference_precision(device, args.precision)  # refused before any image
-    stage = load_stage(args.checkpoint, map_location="cpu")
+    stage = load_stage(args.checkpoint, map_location="cpu", overrides=args.overrides)
     expected = "classifier" if args.kind.startswith("gradcam") else args.kind
     if stage.kind != expected:
         raise ValueError(f"{args.checkpoint} holds a {stage.kind!r} stage; '{args.kind}' needs a {expected!r} checkpoint")
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     paths = list_images(args.input)
     writer = _Writer(args.kind, stage, args.out, args.npy)
-    with tqdm(total=len(paths), desc=f"stage {args.kind}", unit="img") as bar:
+    with tqdm(total=len(paths), desc=f"stage {args.kind}", unit="img", disable=args.quiet) as bar:
         for batch in _batches(read_images(paths, n_jobs=decode_workers(device, args.workers)),
                               forward_batch(device, args.batch_size)):
             images = [item for item in batch if not isinstance(item, UnreadableImageError)]
@@ -118,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
                     _run_batch(model, stage, images, writer, device, lungs, on_halves)
             bar.update(len(batch))
     writer.close()
+    from pneumomap import provenance
+    from pneumomap.fileio import atomic_write_text
+
+    record = provenance.build(checkpoints={args.kind: args.checkpoint, **({"lungs": args.lungs} if lungs else {})},
+                              device=device, precision=precision, overrides=args.overrides)
+    atomic_write_text(args.out / "provenance.json", json.dumps(record, indent=2) + "\n")
     if writer.failures:
         print(f"pneumomap stage: {len(writer.failures)} of {len(paths)} image(s) unreadable, "
               f"listed in {args.out / 'failures.csv'}", file=sys.stderr)

@@ -15,7 +15,8 @@ CPU tests and the demo) overrides them, and --set key=value overrides any key (m
 the stage's config, e.g. model.backbones, model.input_size, model.pretrained; an unknown key is an error
 that names the closest one).
 Output: OUT/best (the checkpoint a pipeline.yaml points at), OUT/last (+ training state for
---resume), OUT/history.json, OUT/history.csv, OUT/loss_curve.png, OUT/recipe.yaml.
+--resume), OUT/history.json, OUT/history.csv, OUT/loss_curve.png, OUT/recipe.yaml, OUT/provenance.json
+(versions, command line, the --set items, the best checkpoint's sha256).
 Several processes: torchrun --nproc_per_node N -m pneumomap train STAGE ... (DDP; gloo on CPU, NCCL on CUDA).
 
 Examples:
@@ -39,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="RSNA-format folder (label CSVs, images, lung_masks, split.csv)")
     parser.add_argument("--out", required=True, help="output directory of this training run")
     parser.add_argument("--recipe", help="a recipe YAML file (partial: only the keys it changes) or a recipe name, e.g. tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key (repeatable; dotted for the stage config's keys, "
-                        "e.g. 'model.backbones=[resnet10t]')")
+    from pneumomap.overrides import add_set_argument
+
+    add_set_argument(parser, "a recipe key (model.KEY for the stage config's keys, e.g. 'model.backbones=[resnet10t]')")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last: epoch count, optimiser and schedule")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, honouring LOCAL_RANK), cpu, cuda, cuda:1")
+    parser.add_argument("--cache", help="folder of the on-disk cache of prepared samples (default OUT/cache); stages "
+                        "given the same folder share the inputs they have in common; delete it to clear it")
 
 
 def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: bool = False,
@@ -53,7 +56,7 @@ def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: b
 
     from pneumomap.device import resolve_device
     from pneumomap.train import ddp
-    from pneumomap.train.datasets import lung_datasets, rsna_datasets, rsna_lung_pairs
+    from pneumomap.train.datasets import cache_folder, rsna_datasets, rsna_lung_datasets
     from pneumomap.train.loop import fit
     from pneumomap.train.tasks import make_task
 
@@ -63,27 +66,33 @@ def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: b
     try:
         torch.manual_seed(recipe["seed"])
         task = make_task(stage, recipe)
-        if spec.kind == "lungs":
-            train_set, val_set = lung_datasets(rsna_lung_pairs(data, recipe["train_split"]),
-                                               rsna_lung_pairs(data, recipe["val_split"]), spec, recipe, task.input_size)
-        else:
-            train_set, val_set = rsna_datasets(data, spec, recipe, task.input_size)
+        datasets = rsna_lung_datasets if spec.kind == "lungs" else rsna_datasets
+        train_set, val_set = datasets(data, spec, recipe, task.input_size, cache_folder(recipe, out))
         return fit(task, train_set, val_set, recipe, out, torch_device, resume)
     finally:
         ddp.teardown()
 
 
 def main(args: argparse.Namespace) -> int:
+    from pneumomap.labels import LabelError
     from pneumomap.stages.base import ConfigError
 
     try:
         recipe = resolve(args.stage, args.recipe, args.overrides)
+        if args.cache:
+            recipe["cache_dir"] = args.cache
         summary = train(args.stage, args.data, args.out, recipe, args.resume, args.device)
-    except (RecipeError, ConfigError) as exc:  # a recipe or stage config that cannot be used: one line
-        print(f"pneumomap train: {exc}", file=sys.stderr)
+    except (RecipeError, ConfigError, LabelError) as exc:  # a recipe, config or label folder that cannot be used
+        print(f"pneumomap train: error: {exc}", file=sys.stderr)
         return 2
+    from pneumomap import provenance
+    from pneumomap.device import resolve_device
+    from pneumomap.fileio import atomic_write_text
     from pneumomap.train import ddp
 
     if ddp.is_main():
+        record = provenance.build(device=resolve_device(args.device), overrides=args.overrides,
+                                  checkpoints={"best": Path(args.out) / "best"})
+        atomic_write_text(Path(args.out) / "provenance.json", json.dumps(record, indent=2) + "\n")
         print(json.dumps(summary))
     return 0

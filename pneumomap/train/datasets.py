@@ -1,23 +1,28 @@
 """Training datasets for every stage, from an RSNA-format folder (or, for the lungs, image/mask pairs).
 
 Each item is first *prepared* (decoded, cut, resized to the stage's input, target made from the
-labels code) into a small dict of numpy arrays (see `pneumomap.train.augment` for its keys); that
-is the expensive part, so small data sets are prepared once, in DataLoader worker processes, and
-kept in memory. ``__getitem__`` then only augments. An unreadable image is skipped with a warning
-and counted (``skipped``), never fatal.
+labels code) into a small dict of numpy arrays (see `pneumomap.train.augment` for its keys) by the
+stage's `Preparer`; that is the expensive part, so it is done once and kept in the on-disk cache
+(`pneumomap.train.cache`: memory-mapped float16 inputs and uint8 masks, shared by the stages that
+take the same input, rebuilt where an image, a lung mask, the labels or the preprocessing changed).
+``__getitem__`` then only reads and augments. Without a cache folder, items are prepared per batch.
+An unreadable image is skipped with a warning and counted (``skipped``), never fatal; an image
+without a lung mask where the stage needs one is an error before any work (`MissingLungMaskError`:
+run ``pneumomap fill-masks``). The lung stage trains on the images with a drawn mask only.
 """
 from __future__ import annotations
 
+import abc
 import logging
+import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pneumomap import labels as rsna
 from pneumomap.stages.lung_geometry import LungSplit, crop, split_lungs
@@ -25,11 +30,14 @@ from pneumomap.stages.lungs import lung_half_inputs
 from pneumomap.stages.preprocess import resize, to_model_input
 from pneumomap.stages.reader import UnreadableImageError, read_image
 from pneumomap.train import augment
+from pneumomap.train.cache import Field, Rows, SampleCache, file_signature
 from pneumomap.train.recipes import StageSpec
 
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]
+SIDES = ("right", "left")
+INPUT_DTYPE = "float16"  # model inputs in the cache: [-1, 1] to about 4e-4
 
 
 # ---------------------------------------------------------------- preparing one item
@@ -50,43 +58,186 @@ def side_crops(pixels: np.ndarray, target: np.ndarray | None, split: LungSplit, 
     return sample
 
 
-def prepare_lungs(pair: tuple[str, str], size: Size) -> dict:
-    """(image path, mask path) -> image and lung mask at the stage size."""
-    pixels = read_image(pair[0]).pixels
-    mask = rsna.read_lung_mask(pair[1])
+def _image_field(size: Size) -> Field:
+    """The whole-image model input (lungs, classifier, mapper_whole share it)."""
+    return Field("image", f"image-{size[0]}x{size[1]}", tuple(size), INPUT_DTYPE, ("image",))
+
+
+def _half_fields(size: Size) -> list[Field]:
+    """Both lung-half model inputs (regressors and per-lung mappers share them)."""
+    return [Field(f"image_{s}", f"half-{s}-{size[0]}x{size[1]}", tuple(size), INPUT_DTYPE, ("image", "mask"))
+            for s in SIDES]
+
+
+class Preparer(abc.ABC):
+    """One stage's preparation of an item (its key) into a sample, and the cache `Field` of each sample key."""
+
+    uses_mask: ClassVar[bool] = False  # whether the sample depends on the image's lung mask
+
+    def __init__(self, size: Size) -> None:
+        self.size = tuple(size)
+
+    @abc.abstractmethod
+    def fields(self) -> list[Field]:
+        """The sample's keys as cache columns."""
+
+    @abc.abstractmethod
+    def image_path(self, key: Any) -> Path:
+        """The radiograph of ``key``."""
+
+    @abc.abstractmethod
+    def __call__(self, key: Any) -> dict:
+        """The prepared sample of ``key`` (raises when it cannot be read)."""
+
+    def mask_path(self, key: Any) -> Path:
+        """The lung mask of ``key`` (stages with ``uses_mask``)."""
+        raise TypeError(f"{type(self).__name__} takes no lung mask")
+
+    def item(self, key: Any) -> str:
+        """The item's identity in the cache: its image path, absolute."""
+        return os.path.abspath(self.image_path(key))
+
+    def labels(self, key: Any) -> str:
+        """The labels the sample depends on, as text (none by default)."""
+        return ""
+
+    def sources(self, key: Any) -> dict[str, str]:
+        """What the rows of ``key`` depend on: image and lung-mask file signatures, the labels as text."""
+        return {"image": file_signature(self.image_path(key)),
+                "mask": file_signature(self.mask_path(key)) if self.uses_mask else "",
+                "labels": self.labels(key)}
+
+    def attempt(self, key: Any) -> dict | str:
+        """The prepared sample, or why the image cannot be read; a missing lung mask is raised, not skipped."""
+        try:
+            return self(key)
+        except rsna.MissingLungMaskError:
+            raise
+        except (UnreadableImageError, OSError, ValueError) as exc:
+            return str(exc)
+
+
+def _checked_mask(path: Path, pixels: np.ndarray) -> np.ndarray:
+    mask = rsna.read_lung_mask(path)
     if mask.shape != pixels.shape:
-        raise UnreadableImageError(pair[1], f"mask {mask.shape} does not match the image {pixels.shape}")
-    return {"image": to_model_input(pixels, size), "target": resize_mask(mask, size)}
+        raise UnreadableImageError(path, f"lung mask {mask.shape} does not match the image {pixels.shape}")
+    return mask
 
 
-def prepare_rsna(pid: str, data: rsna.RsnaDataset, spec: StageSpec, size: Size, target_kind: str) -> dict:
-    """One RSNA patient -> the prepared sample of a classifier, regressor or mapper stage."""
-    pixels = read_image(data.image_path(pid)).pixels
-    if spec.kind == "classifier":
-        target = rsna.CLASSES.index(data.cls[pid]) if target_kind == "three_class" else data.target[pid]
-        return {"image": to_model_input(pixels, size), "target": np.float32(target)}
-    lungs = rsna.read_lung_mask(data.mask_path(pid))
-    if lungs.shape != pixels.shape:
-        raise UnreadableImageError(data.mask_path(pid), f"lung mask {lungs.shape} does not match the image {pixels.shape}")
-    boxes = data.boxes[pid]
-    if spec.kind == "regressor":
+class LungsPreparer(Preparer):
+    """Key (image path, drawn mask path) -> the whole-image input and the lung mask at the stage size."""
+
+    uses_mask = True
+
+    def fields(self) -> list[Field]:
+        return [_image_field(self.size),
+                Field("target", f"lungmask-{self.size[0]}x{self.size[1]}", self.size, "uint8", ("image", "mask"))]
+
+    def image_path(self, key: tuple[str, str]) -> Path:
+        return Path(key[0])
+
+    def mask_path(self, key: tuple[str, str]) -> Path:
+        return Path(key[1])
+
+    def __call__(self, key: tuple[str, str]) -> dict:
+        pixels = read_image(key[0]).pixels
+        return {"image": to_model_input(pixels, self.size),
+                "target": resize_mask(_checked_mask(Path(key[1]), pixels), self.size)}
+
+
+class RsnaPreparer(Preparer):
+    """Key patientId of an RSNA folder; the lung mask is the drawn one, else the predicted one."""
+
+    def __init__(self, data: rsna.RsnaDataset, size: Size, target_kind: str = "binary") -> None:
+        super().__init__(size)
+        self.data, self.target_kind = data, target_kind
+
+    def image_path(self, pid: str) -> Path:
+        return self.data.image_path(pid)
+
+    def mask_path(self, pid: str) -> Path:
+        """The lung mask (drawn, else predicted); the drawn path when there is none (an image the fill could not
+        read: it is skipped when read; if it reads now, `read` asks for the fill again)."""
+        try:
+            return self.data.lung_mask_path(pid)
+        except rsna.MissingLungMaskError:
+            return self.data.mask_path(pid)
+
+    def labels(self, pid: str) -> str:
+        return ";".join(f"{b.x},{b.y},{b.width},{b.height}" for b in self.data.boxes[pid]) + f"|{self.data.cls[pid]}"
+
+    def read(self, pid: str) -> tuple[np.ndarray, np.ndarray]:
+        """(pixels, lung mask) of an image, checked against each other."""
+        pixels = read_image(self.image_path(pid)).pixels
+        return pixels, _checked_mask(self.data.lung_mask_path(pid), pixels)
+
+
+class ClassifierPreparer(RsnaPreparer):
+    """The whole-image input and the RSNA Target (or the detailed class's index with three_class)."""
+
+    def fields(self) -> list[Field]:
+        return [_image_field(self.size), Field("target", f"class-{self.target_kind}", (), "float32", ("labels",))]
+
+    def __call__(self, pid: str) -> dict:
+        pixels = read_image(self.image_path(pid)).pixels
+        target = rsna.CLASSES.index(self.data.cls[pid]) if self.target_kind == "three_class" else self.data.target[pid]
+        return {"image": to_model_input(pixels, self.size), "target": np.float32(target)}
+
+
+class RegressorPreparer(RsnaPreparer):
+    """Both lung halves and both sides' extents: area(boxes & lung side) / area(lung side)."""
+
+    uses_mask = True
+
+    def fields(self) -> list[Field]:
+        return _half_fields(self.size) + [Field(f"target_{s}", f"extent-{s}", (), "float32", ("mask", "labels"))
+                                          for s in SIDES]
+
+    def __call__(self, pid: str) -> dict:
+        pixels, lungs = self.read(pid)
         split = split_lungs(lungs)
-        right, left = rsna.split_extents(boxes, split)
-        return {**side_crops(pixels, None, split, size), "target_right": np.float32(right),
+        right, left = rsna.split_extents(self.data.boxes[pid], split)
+        return {**side_crops(pixels, None, split, self.size), "target_right": np.float32(right),
                 "target_left": np.float32(left)}
-    opacity = rsna.opacity_target(boxes, lungs)
-    if spec.side is None:  # mapper over the whole image
-        return {"image": to_model_input(pixels, size), "target": resize_mask(opacity, size)}
-    return side_crops(pixels, opacity, split_lungs(lungs), size)
 
 
-def _safe(prepare: Callable[[object], dict], key) -> dict | None:
-    """``prepare(key)``, or None (with a warning) when the image cannot be read."""
-    try:
-        return prepare(key)
-    except (UnreadableImageError, OSError, ValueError) as exc:
-        warnings.warn(f"skipping unreadable training image: {exc}", stacklevel=2)
-        return None
+class WholeMapperPreparer(RsnaPreparer):
+    """The whole-image input and the opacity target (boxes inside the lungs) at the stage size."""
+
+    uses_mask = True
+
+    def fields(self) -> list[Field]:
+        return [_image_field(self.size), Field("target", f"opacity-{self.size[0]}x{self.size[1]}", self.size, "uint8",
+                                               ("image", "mask", "labels"))]
+
+    def __call__(self, pid: str) -> dict:
+        pixels, lungs = self.read(pid)
+        opacity = rsna.opacity_target(self.data.boxes[pid], lungs)
+        return {"image": to_model_input(pixels, self.size), "target": resize_mask(opacity, self.size)}
+
+
+class HalfMapperPreparer(RsnaPreparer):
+    """Both lung halves and the opacity target cut like them."""
+
+    uses_mask = True
+
+    def fields(self) -> list[Field]:
+        return _half_fields(self.size) + [
+            Field(f"target_{s}", f"opacity-{s}-{self.size[0]}x{self.size[1]}", self.size, "uint8",
+                  ("image", "mask", "labels")) for s in SIDES]
+
+    def __call__(self, pid: str) -> dict:
+        pixels, lungs = self.read(pid)
+        return side_crops(pixels, rsna.opacity_target(self.data.boxes[pid], lungs), split_lungs(lungs), self.size)
+
+
+# (stage kind, per lung) -> its preparation from an RSNA folder
+RSNA_PREPARERS: dict[tuple[str, bool], type[RsnaPreparer]] = {
+    ("classifier", False): ClassifierPreparer,
+    ("regressor", True): RegressorPreparer,
+    ("mapper", False): WholeMapperPreparer,
+    ("mapper", True): HalfMapperPreparer,
+}
 
 
 # ---------------------------------------------------------------- the dataset
@@ -98,24 +249,38 @@ class Augment:
 
 
 class StageDataset(Dataset):
-    """Prepared samples of one stage; ``side`` picks a per-lung stage's side after the flip."""
+    """Prepared samples of one stage; ``side`` picks a per-lung stage's side after the flip.
 
-    def __init__(self, keys: list, prepare: Callable[[object], dict], side: str | None = None,
-                 aug: Augment | None = None, cache: bool = True, workers: int = 0, desc: str = "preparing"):
+    ``cache`` with ``built`` (`SampleCache.build` of ``keys``): samples are read from the cache, unreadable
+    keys left out and counted in ``skipped``; without a cache each item is prepared when asked for.
+    ``lung_masks``: how many of the items' lung masks were drawn / predicted (None: the stage takes none)."""
+
+    def __init__(self, keys: list, prepare: Preparer, side: str | None = None, aug: Augment | None = None,
+                 cache: SampleCache | None = None, built: list | None = None,
+                 lung_masks: dict[str, int] | None = None):
         self.keys, self.prepare, self.side = list(keys), prepare, side
         self.aug = aug or Augment()
+        self.cached, self.lung_masks = cache, lung_masks
+        self.rows: list[Rows] = []
         self.skipped = 0
-        self.cached: list[dict] | None = None
-        if cache:
-            samples = _prepare_all(self.keys, prepare, workers, desc)
-            self.cached = [s for s in samples if s is not None]
-            self.skipped = len(samples) - len(self.cached)
+        if cache is not None:
+            if built is None or len(built) != len(self.keys):
+                raise ValueError("a cached StageDataset needs the cache's build result of its keys")
+            self.rows = [rows for rows in built if not isinstance(rows, str)]
+            self.skipped = len(built) - len(self.rows)
 
     def __len__(self) -> int:
-        return len(self.cached) if self.cached is not None else len(self.keys)
+        return len(self.rows) if self.cached is not None else len(self.keys)
 
     def raw(self, index: int) -> dict | None:
-        return self.cached[index] if self.cached is not None else _safe(self.prepare, self.keys[index])
+        """The prepared sample (at the cache's precision when cached); None when unreadable."""
+        if self.cached is not None:
+            return self.cached.read(self.rows[index])
+        sample = self.prepare.attempt(self.keys[index])
+        if isinstance(sample, str):
+            warnings.warn(f"skipping unreadable training image: {sample}", stacklevel=2)
+            return None
+        return sample
 
     def __getitem__(self, index: int) -> dict | None:
         sample = self.raw(index)
@@ -143,74 +308,89 @@ def collate(samples: list[dict | None]) -> dict:
     return batch
 
 
-def _prepare_all(keys: list, prepare: Callable, workers: int, desc: str) -> list[dict | None]:
-    """Prepare every item once, in ``workers`` DataLoader worker processes, in order."""
-    from tqdm import tqdm
-
-    loader = DataLoader(_Preparing(keys, prepare), batch_size=None, num_workers=min(workers, len(keys)),
-                        collate_fn=_identity)
-    return list(tqdm(loader, total=len(keys), desc=desc, leave=False, disable=len(keys) < 32))
-
-
-class _Preparing(Dataset):
-    def __init__(self, keys: list, prepare: Callable):
-        self.keys, self.prepare = keys, prepare
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int):
-        return _safe(self.prepare, self.keys[index])
+def lung_mask_counts(*datasets: StageDataset) -> dict[str, int] | None:
+    """Drawn / predicted lung masks of the datasets' images together (None when the stage takes no masks)."""
+    counts = [d.lung_masks for d in datasets if d.lung_masks is not None]
+    if not counts:
+        return None
+    return {k: sum(c.get(k, 0) for c in counts) for k in dict.fromkeys(k for c in counts for k in c)}
 
 
-def _identity(item):
-    return item
+def describe_lung_masks(counts: dict[str, int] | None) -> str:
+    """'lung masks: 12 drawn, 48 predicted' (+ the images a lung stage leaves out), or ''."""
+    if counts is None:
+        return ""
+    text = f"lung masks: {counts.get('drawn', 0)} drawn, {counts.get('predicted', 0)} predicted"
+    if counts.get("without_drawn"):
+        text += f" ({counts['without_drawn']} images without a drawn mask left out)"
+    return text
 
 
 # ---------------------------------------------------------------- building the datasets of a run
 
-def sample_bytes(spec: StageSpec, size: Size) -> int:
-    """Memory of one prepared sample (float32 image(s), uint8 masks)."""
-    pixels = size[0] * size[1]
-    per_side = pixels * 4 + (pixels if spec.kind in ("lungs", "mapper") else 8)
-    return per_side * (2 if spec.side else 1)
-
-
-def use_cache(recipe: dict, spec: StageSpec, size: Size, n_items: int) -> bool:
-    if recipe["cache"] == "auto":
-        return n_items * sample_bytes(spec, size) <= recipe["cache_mb"] * 2**20
-    return bool(recipe["cache"])
+def cache_folder(recipe: dict, out: str | Path) -> Path | None:
+    """Where a run keeps its prepared samples: the recipe's ``cache_dir`` (``--cache``), else OUT/cache;
+    None when the recipe turns the cache off."""
+    if not recipe["cache"]:
+        return None
+    return Path(recipe["cache_dir"]) if recipe.get("cache_dir") else Path(out) / "cache"
 
 
 def _limit(keys: list, recipe: dict) -> list:
     return keys[: recipe["max_images"]] if recipe.get("max_images") else keys
 
 
-def rsna_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size: Size) -> tuple[StageDataset, StageDataset]:
-    """(train, val) datasets of a classifier / regressor / mapper stage, split by patient (split.csv)."""
+def _splits(data: rsna.RsnaDataset, recipe: dict) -> tuple[list[str], list[str]]:
+    return _limit(data.ids_in(recipe["train_split"]), recipe), _limit(data.ids_in(recipe["val_split"]), recipe)
+
+
+def rsna_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size: Size,
+                  cache_dir: str | Path | None = None) -> tuple[StageDataset, StageDataset]:
+    """(train, val) datasets of a classifier / regressor / mapper stage, split by patient (split.csv).
+
+    Stages that take lung masks need one (drawn or predicted) for every image of both splits."""
     data = rsna.load_rsna(data_dir)
-    prepare = partial(prepare_rsna, data=data, spec=spec, size=size, target_kind=recipe.get("target", "binary"))
-    return _pair(prepare, _limit(data.ids_in(recipe["train_split"]), recipe),
-                 _limit(data.ids_in(recipe["val_split"]), recipe), spec, recipe, size, str(data_dir))
+    preparer = RSNA_PREPARERS[spec.kind, spec.side is not None](data, size, recipe.get("target", "binary"))
+    train_ids, val_ids = _splits(data, recipe)
+    masks = [None, None]
+    if preparer.uses_mask:
+        masks = [data.require_lung_masks(ids, f" in split {recipe[f'{name}_split']!r}")
+                 for name, ids in (("train", train_ids), ("val", val_ids))]
+    return _pair(preparer, train_ids, val_ids, spec, recipe, str(data_dir), cache_dir, masks)
 
 
-def lung_datasets(train_pairs: list, val_pairs: list, spec: StageSpec, recipe: dict, size: Size):
+def rsna_lung_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size: Size,
+                       cache_dir: str | Path | None = None) -> tuple[StageDataset, StageDataset]:
+    """(train, val) lung-segmentation datasets of an RSNA folder: the images with a drawn mask (lung_masks/),
+    whichever others there are left out (predicted masks never train the lung stage)."""
+    data = rsna.load_rsna(data_dir)
+    pairs, masks = [], []
+    for ids in _splits(data, recipe):
+        drawn = set(data.mask_sources(ids)["drawn"])
+        pairs.append([(str(data.image_path(p)), str(data.mask_path(p))) for p in ids if p in drawn])
+        masks.append({"drawn": len(drawn), "predicted": 0, "without_drawn": len(ids) - len(drawn)})
+    return _pair(LungsPreparer(size), pairs[0], pairs[1], spec, recipe, f"{data_dir} ({rsna.MASKS_DIR}/)",
+                 cache_dir, masks)
+
+
+def lung_datasets(train_pairs: list, val_pairs: list, spec: StageSpec, recipe: dict, size: Size,
+                  cache_dir: str | Path | None = None) -> tuple[StageDataset, StageDataset]:
     """(train, val) lung-segmentation datasets from (image path, mask path) pairs."""
-    prepare = partial(prepare_lungs, size=size)
-    return _pair(prepare, _limit(train_pairs, recipe), _limit(val_pairs, recipe), spec, recipe, size, "lungs")
+    return _pair(LungsPreparer(size), _limit(train_pairs, recipe), _limit(val_pairs, recipe), spec, recipe, "lungs",
+                 cache_dir, [None, None])
 
 
-def rsna_lung_pairs(data_dir: str | Path, split: str) -> list[tuple[str, str]]:
-    data = rsna.load_rsna(data_dir)
-    return [(str(data.image_path(pid)), str(data.mask_path(pid))) for pid in data.ids_in(split)]
-
-
-def _pair(prepare, train_keys, val_keys, spec, recipe, size, where):
+def _pair(preparer: Preparer, train_keys: list, val_keys: list, spec: StageSpec, recipe: dict, where: str,
+          cache_dir: str | Path | None, masks: list) -> tuple[StageDataset, StageDataset]:
     for name, keys in (("train", train_keys), ("val", val_keys)):
         if not keys:
             raise ValueError(f"{where}: no images in split '{recipe[f'{name}_split']}' (see split.csv)")
-    cache = use_cache(recipe, spec, size, len(train_keys) + len(val_keys))
     aug = Augment(rotate=float(recipe["rotate"]), hflip=bool(recipe["hflip"]))
-    train = StageDataset(train_keys, prepare, spec.side, aug, cache, recipe["workers"], "preparing train")
-    val = StageDataset(val_keys, prepare, spec.side, None, cache, recipe["workers"], "preparing val")
+    cache = SampleCache(cache_dir, preparer.fields()) if cache_dir is not None else None
+    built: list = [None, None]
+    if cache is not None:
+        every = cache.build(train_keys + val_keys, preparer, recipe["workers"], f"caching {spec.kind} samples")
+        built = [every[: len(train_keys)], every[len(train_keys):]]
+    train = StageDataset(train_keys, preparer, spec.side, aug, cache, built[0], masks[0])
+    val = StageDataset(val_keys, preparer, spec.side, None, cache, built[1], masks[1])
     return train, val

@@ -6,10 +6,12 @@ Output (docs/contracts.md, "Training output")::
     OUT/best/   stage checkpoint with the best validation metric (load_stage(OUT/best))
     OUT/last/   the last epoch's checkpoint + train_state.pt (optimiser, scheduler, epoch, history)
     OUT/history.json, OUT/history.csv, OUT/loss_curve.png, OUT/recipe.yaml
+    OUT/summary.json  the returned summary: epochs, best metric, skipped images, lung masks drawn / predicted
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import time
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from pneumomap.device import autocast, pin_memory, to_device
 from pneumomap.fileio import atomic_write_text
 from pneumomap.train import ddp, history
-from pneumomap.train.datasets import StageDataset, collate
+from pneumomap.train.datasets import StageDataset, collate, describe_lung_masks, lung_mask_counts
 from pneumomap.train.recipes import dump
 from pneumomap.train.schedule import make_scheduler
 from pneumomap.train.tasks import Task, trainable_parameters
@@ -188,13 +190,14 @@ def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict
         scaler.load_state_dict(saved["scaler"])
         state = {k: saved[k] for k in state}
     net = ddp.wrap(model, device)
+    masks = lung_mask_counts(train_set, val_set)
     if ddp.is_main():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "recipe.yaml", dump(recipe))
         tqdm.write(f"{task.stage}: {len(train_set)} training / {len(val_set)} validation images "
                    f"({train_set.skipped + val_set.skipped} unreadable skipped), input {task.input_size}, "
                    f"{sum(p.numel() for p in params):,} trainable parameters, device {device}, "
-                   f"{ddp.world_size()} process(es)")
+                   f"{ddp.world_size()} process(es)" + (f"; {describe_lung_masks(masks)}" if masks else ""))
     skipped_at_start = train_set.skipped + val_set.skipped
     for epoch in range(state["epoch"], recipe["epochs"]):
         started = time.perf_counter()
@@ -233,6 +236,10 @@ def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict
             break
     if ddp.is_main() and state["history"]:
         history.plot(out, state["history"], spec.metric)
-    return {"stage": task.stage, "out": str(out), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-            f"best_val_{spec.metric}": state["best"],
-            "skipped": state["history"][-1]["skipped"] if state["history"] else skipped_at_start}
+    summary = {"stage": task.stage, "out": str(out), "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+               f"best_val_{spec.metric}": state["best"],
+               "skipped": state["history"][-1]["skipped"] if state["history"] else skipped_at_start,
+               "train_images": len(train_set), "val_images": len(val_set), "lung_masks": masks}
+    if ddp.is_main():
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -103,35 +103,13 @@ def _keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def parse_set(items: list[str]) -> dict:
-    """['a=1', 'model.backbones=[resnet10t]'] -> nested dict; values parsed as YAML scalars/lists."""
-    result: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise RecipeError(f"--set {item}: expected key=value (e.g. --set epochs=5)")
-        key, text = item.split("=", 1)
-        value = _parse_value(text)
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return result
+    """['a=1', 'model.backbones=[resnet10t]'] -> nested dict; values parsed as YAML (`pneumomap.overrides`)."""
+    from pneumomap.overrides import OverrideError, nested
 
-
-def _parse_value(text: str):
-    """A --set value as YAML (numbers, true/false, null, [lists]); '1e-3' is a float too (YAML 1.1 says str)."""
-    if not text.strip():
-        return None
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+        return nested(items)
+    except OverrideError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -156,7 +134,7 @@ _CHOICES = {
     "schedule": ("cosine", "constant"),
     "target": ("binary", "three_class", "extent"),
     "loss": ("bce", "focal", "ce", "mse_mae", "dice"),
-    "cache": ("auto", True, False),
+    "cache": (True, False),
 }
 _POSITIVE = ("epochs", "batch_size", "accumulate")
 DEFAULT_LOSS = {"binary": "bce", "three_class": "ce"}  # the classifier's loss per target when not set
