@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rsna_subset
 RULES = ("argmin", "smoothed")
 
 
@@ -71,31 +73,10 @@ def compare(name: str, pipeline: Path, val: Path, test: Path, work: Path, test_w
 
 def subset_folder(source: Path, target: Path, val_ids: list[str]) -> Path:
     """An RSNA folder whose val split is ``val_ids`` and test split the source's test split (links)."""
-    import csv
-    import os
+    from rsna_subset import link_subset, read_splits
 
-    target.mkdir(parents=True, exist_ok=True)
-    with open(source / "split.csv", newline="") as handle:
-        splits = {r["patientId"]: r["split"] for r in csv.DictReader(handle)}
-    keep = set(val_ids) | {pid for pid, s in splits.items() if s == "test"}
-    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"):
-        with open(source / name, newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = [r for r in reader if r["patientId"] in keep]
-            fields = reader.fieldnames
-        with open(target / name, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(target / "split.csv", "w", newline="") as handle:
-        handle.write("patientId,split\n" + "".join(f"{pid},{'val' if pid in val_ids else 'test'}\n"
-                                                   for pid in sorted(keep)))
-    for folder in ("stage_2_train_images", "lung_masks"):
-        (target / folder).mkdir(exist_ok=True)
-        for path in (source / folder).iterdir():
-            if path.stem in keep and not (target / folder / path.name).exists():
-                os.symlink(path, target / folder / path.name)
-    return target
+    test = {pid: "test" for pid, split in read_splits(source).items() if split == "test"}
+    return link_subset(source, target, {**test, **{pid: "val" for pid in val_ids}})
 
 
 def main() -> None:
@@ -104,7 +85,7 @@ def main() -> None:
     parser.add_argument("--large", type=Path, default=Path("/work/bench/choice1000"))
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--subsets", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/tune_choice.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/tune_choice.json")
     args = parser.parse_args()
     from pneumomap import synth
     from pneumomap.labels import load_rsna
@@ -134,6 +115,7 @@ def main() -> None:
         diff = np.array([r["test_argmin"] - r["test_smoothed"] for r in small])
         print(f"small sets: smoothed better on {int((diff > 0).sum())} of {len(small)}, mean test gain of smoothed "
               f"over argmin {diff.mean():+.4f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rsna_subset
 
 
 def _pss_kib(pid: int) -> int:
@@ -117,26 +118,10 @@ def child(args: argparse.Namespace) -> None:
 
 def _subset(source: Path, target: Path, n: int) -> None:
     """An RSNA folder holding the first ``n`` val ids of ``source`` (labels filtered, images linked)."""
-    import csv
+    from rsna_subset import link_subset, read_splits
 
-    target.mkdir(parents=True)
-    with open(source / "split.csv", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] == "val"][:n]
-    keep = {r["patientId"] for r in rows}
-    for name in ("stage_2_train_labels.csv", "stage_2_detailed_class_info.csv", "split.csv"):
-        with open(source / name, newline="") as handle:
-            reader = csv.DictReader(handle)
-            kept = [r for r in reader if r["patientId"] in keep]
-            fields = reader.fieldnames
-        with open(target / name, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
-    for folder in ("stage_2_train_images", "lung_masks"):
-        (target / folder).mkdir()
-        for path in (source / folder).iterdir():
-            if path.stem in keep:
-                os.symlink(path, target / folder / path.name)
+    val = [pid for pid, split in read_splits(source).items() if split == "val"][:n]
+    link_subset(source, target, {pid: "val" for pid in val})
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -165,7 +150,7 @@ def main() -> None:
     parser.add_argument("--old-sizes", type=int, nargs="+", default=[150, 300])
     parser.add_argument("--folds-size", type=int, default=600, help="size of the one run with 5 folds")
     parser.add_argument("--baseline", default="c21552d")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/tune_scale.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/tune_scale.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--n-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,6 +187,7 @@ def main() -> None:
                   f"per image -> 5,338 images: {t1 + slope[variant]['s_per_image'] * (5338 - n1):.0f} s, "
                   f"{m1 + slope[variant]['mib_per_image'] * (5338 - n1):.0f} MiB")
     print("same thresholds and metric as the baseline:", same)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "slope": slope, "same_result": same,
                                     "cpus": os.cpu_count()}, indent=2) + "\n")
 

@@ -74,6 +74,7 @@ BAD = {
     "export": lambda p: [p["missing"], "--format", "exported-program"],
     "demo": lambda p: ["--out", p["blocker"] / "demo"],
     "fill-masks": lambda p: ["--data", p["missing"], "--lungs", p["missing"]],
+    "ensemble": lambda p: [p["missing"], "--pipeline", p["bad_yaml"], "--out", p["root"] / "e"],
 }
 
 

@@ -71,6 +71,7 @@ class RunOptions:
     format: str = "pneumomap"  # output layout, `pneumomap.submission.FORMATS` (the CLI's default is midrc)
     work: Path | None = None  # the run's own files (artifacts, parts, tables); None: the layout's default
     description: Path | None = None  # midrc: the algorithm description file copied into the output folder
+    save_probabilities: bool = False  # WORK/probabilities/<id>.npz per image, for ensembles (`writers` module doc)
 
     def layout(self, out: str | Path) -> submission.Layout:
         return submission.make_layout(self.format, out, self.work)
@@ -365,6 +366,12 @@ class _Runner:
         self._lock = threading.Lock()  # the counters, when images run in several threads (`streams`)
         self.sources = {n.inputs[0] for n in pipeline.model_nodes if n.type == "mapper"}
         self.whole_sizes: tuple = ()
+        self.saved_inputs: tuple[str, str] | None = None  # (map node, lungs node) whose values are saved
+        if options.save_probabilities:
+            try:
+                self.saved_inputs = writers.probability_inputs(pipeline)
+            except ValueError as exc:
+                raise RunError(f"--save-probabilities: {exc}") from None
 
     def folder(self, node: Node) -> str:
         return art.model_folder(node.name, self.keys[node.name])
@@ -381,7 +388,17 @@ class _Runner:
             written = hashlib.sha256(self.layout.map_path(item.image_id).read_bytes()).hexdigest()
         except OSError:
             return None
-        return writers.Record(**data["record"]) if written == data["map_sha256"] else None
+        if written != data["map_sha256"]:
+            return None
+        record = writers.Record(**data["record"])
+        if self.saved_inputs and record.failure is None and writers.saved_key(
+                writers.probability_path(self.layout.work, item.image_id)) != self.saved_key(item):
+            return None  # done, but its probabilities were not saved by this configuration: post-process again
+        return record
+
+    def saved_key(self, item: Item) -> str:
+        """What a saved-probabilities file was made from: this configuration's post-processing and the input."""
+        return f"{self.post}:{item.signature}"
 
     def plan(self, items: list[Item]) -> tuple[list[Item], set[str]]:
         """(images to decode ahead, model nodes that may have to run)."""
@@ -535,7 +552,9 @@ class _Runner:
             for j, i in enumerate(todo):
                 states[i].features[source.name] = [f[j] for f in fresh]
         levels = zip(*(st.features[source.name] for st in states))
-        return [torch.stack(level) for level in levels]
+        # torch.stack returns NCHW: back to channels_last, the layout of the decoder's weights
+        return [torch.stack(level).contiguous(memory_format=torch.channels_last) if level[0].dim() == 3
+                else torch.stack(level) for level in levels]
 
     # -- results
 
@@ -557,12 +576,19 @@ class _Runner:
 
     def _finish(self, st: _State) -> writers.Record:
         item = st.item
+        saved = writers.probability_path(self.layout.work, item.image_id)
         if st.failure is not None:
+            if self.saved_inputs:
+                saved.unlink(missing_ok=True)  # an earlier run's file is not this run's result
             floor = self.pipeline.nodes[self.pipeline.outputs.map].params.get("outside", 1)
             write_png(self.layout.map_path(item.image_id), writers.fallback_map(item.path, floor))
             return writers.failure_record(item.image_id, item.path, st.failure)
         outputs = self.pipeline.outputs
         map8 = st.values[outputs.map]
+        if self.saved_inputs:
+            full, lungs = (st.values[name] for name in self.saved_inputs)
+            writers.save_probabilities(saved, full, lungs.mask_at(full.shape), float(st.values[outputs.probability]),
+                                       item.path, self.saved_key(item))
         png = write_png(self.layout.map_path(item.image_id), map8)
         record = writers.make_record(item.image_id, item.path, st.values[outputs.probability],
                                      {c: st.values[n] for c, n in outputs.decisions.items()}, map8, outputs.rsna)
@@ -692,6 +718,7 @@ def run(pipeline: Pipeline | str | Path, inputs: str | Path | list, out: str | P
 def _run_shard(pipeline: Pipeline, layout: submission.Layout, options: RunOptions, all_items: list[Item],
                shard: tuple[int, int], description: Path | None) -> dict[str, Any]:
     """`run` once the inputs are listed, the folders checked and locked."""
+    from pneumomap import provenance
     from pneumomap.device import cpu_streams, decode_workers, resolve_device
 
     index, count = shard
@@ -750,6 +777,7 @@ def _run_shard(pipeline: Pipeline, layout: submission.Layout, options: RunOption
         "precision": options.precision,
         "workers": workers,
         "streams": streams,
+        "provenance": provenance.build(pipeline, device=device, precision=options.precision),
     }
     return sharding.finish(pipeline, layout, all_items, (index, count), records, part, merge=options.merge,
                            description=description)

@@ -1,7 +1,9 @@
 """Read chest radiographs (DICOM, PNG, JPEG) into corrected float32 pixel arrays with metadata.
 
 DICOM: modality LUT, then VOI LUT or window, then MONOCHROME1 inversion (after windowing, never
-before), so that for every input bigger values are brighter (bone bright, lung dark). Every
+before), so that for every input bigger values are brighter (bone bright, lung dark). Presentation
+LUT Shape INVERSE inverts the same way, once: MONOCHROME1 with INVERSE (the pairing DICOM
+prescribes) is inverted once, MONOCHROME2 with INVERSE too (flagged). Every
 transfer syntax pydicom can decode with its own, pylibjpeg or gdcm plugins is read; 12-bit JPEG
 Extended falls back to gdcm directly. Multi-frame: first frame (flagged). Colour: luminance (flagged).
 
@@ -273,6 +275,8 @@ def _read_dicom(path: Path) -> Radiograph:
     flags = _dicom_flags(ds)
     if n_frames > 1:
         flags.append(f"multi_frame: {n_frames} frames, first frame used")
+    if photometric == "MONOCHROME2" and _presentation_inverse(ds):
+        flags.append("Presentation LUT Shape INVERSE on MONOCHROME2: inverted")
     if photometric in MONOCHROME:
         pixels = _correct_monochrome(frame, ds, photometric)
     elif frame.ndim == 2:  # a colour header on one sample per pixel: the data are grey
@@ -442,8 +446,14 @@ def _stored_dtype(ds: Any) -> np.dtype:
     return np.dtype(f"<{'i' if signed else 'u'}{nbytes}")
 
 
+def _presentation_inverse(ds: Any) -> bool:
+    """Whether Presentation LUT Shape (2050,0020) is INVERSE: the minimum value is displayed white."""
+    return str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+
+
 def _correct_monochrome(frame: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
-    """Modality LUT, then VOI LUT or window, then MONOCHROME1 inversion within the output range."""
+    """Modality LUT, then VOI LUT or window, then one inversion within the output range for
+    MONOCHROME1 or Presentation LUT Shape INVERSE (both: still once, as DICOM pairs them)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = apply_modality_lut(frame, ds)
@@ -453,7 +463,7 @@ def _correct_monochrome(frame: np.ndarray, ds: Any, photometric: str) -> np.ndar
     if voi is not None:
         values = apply_voi_lut(values, ds)
     pixels = np.asarray(values, dtype=np.float32)
-    if photometric == "MONOCHROME1":
+    if photometric == "MONOCHROME1" or _presentation_inverse(ds):
         low, high = _output_range(ds, voi)
         pixels = np.float32(low + high) - pixels
     return pixels
