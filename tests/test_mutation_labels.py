@@ -257,3 +257,8 @@ def test_require_lung_masks_counts_or_names_the_missing(mask_folder):
 def test_mask_sources_without_the_folders(tmp_path):
     data = L.RsnaDataset(tmp_path, ["a"], {"a": []}, {"a": 0}, {})
     assert data.mask_sources(["a"]) == {"drawn": [], "predicted": [], "unreadable": [], "missing": ["a"]}
+
+
+def test_five_missing_masks_are_all_shown(mask_folder):
+    with pytest.raises(L.MissingLungMaskError, match=r"5 of 5 image\(s\) have no lung mask.*: m1, m2, m3, m4, m5; "):
+        mask_folder.require_lung_masks([f"m{k}" for k in range(1, 6)])

@@ -226,3 +226,75 @@ def test_rsna_map_over_chosen_ids_and_thresholds():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(metrics.rsna_map(truth, {}, ids=["z"]))  # nothing to score: NaN, no warning
+
+
+# ----------------------------------------------------------------------------- helpers every metric relies on
+
+def oracle_bootstrap(values: np.ndarray, statistic, n_boot: int, level: float) -> tuple[float, float]:
+    """The organisers' recipe: RandomState(42) resamples, undefined statistics left out, sorted, two positions."""
+    rng = np.random.RandomState(42)
+    stats = [statistic(values[rng.randint(0, len(values), len(values))]) for _ in range(n_boot)]
+    stats = sorted(s for s in stats if np.isfinite(s))
+    tail = (1 - level) / 2
+    return stats[int(tail * len(stats))], stats[min(int((1 - tail) * len(stats)), len(stats) - 1)]
+
+
+@FAST
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12), st.sampled_from([0.5, 0.9, 0.95, 1.0]))
+def test_bootstrap_interval_is_the_organisers_recipe(values, level):
+    values = np.array(values)
+    got = metrics.bootstrap_interval(values, n_boot=40, level=level)
+    assert got == pytest.approx(oracle_bootstrap(values, np.mean, 40, level), abs=1e-12)
+    assert got == metrics.bootstrap_interval(values, lambda v: float(np.mean(v)), 40, level, 42)
+
+
+def test_bootstrap_interval_edges():
+    assert metrics.bootstrap_interval([0.3], n_boot=10) == (0.3, 0.3)
+    assert all(math.isnan(v) for v in metrics.bootstrap_interval([], n_boot=10))
+    one_class = np.column_stack([np.zeros(5), np.arange(5)])  # every resample's AUC is undefined
+    assert all(math.isnan(v) for v in metrics.bootstrap_interval(
+        one_class, lambda r: metrics.roc_auc(r[:, 0], r[:, 1]), n_boot=10))
+
+
+def test_scores_of_any_dtype_and_their_errors():
+    y = np.array([0, 1, 0, 1, 1])
+    uint8 = np.array([10, 200, 0, 255, 30], np.uint8)  # no wrap-around when negated for sorting
+    for got, expected in zip(metrics.roc_curve(y, uint8), metrics.roc_curve(y, uint8.astype(float))):
+        np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match=r"^2 scores for 3 labels$"):
+        metrics.roc_auc([0, 1, 1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"^scores contain NaN$"):
+        metrics.roc_auc([0, 1], [0.1, np.nan])
+    with pytest.raises(ValueError, match=r"^2 predictions for 3 labels$"):
+        metrics.confusion_matrix([0, 1, 1], [0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(metrics.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))  # one class: NaN, no division warning
+    assert metrics.classification_metrics([0, 1, 1], [0.5, 0.49, 0.9]) == \
+        metrics.classification_metrics([0, 1, 1], [0.5, 0.49, 0.9], 0.5)
+
+
+def test_codes_maps_and_probabilities_edges():
+    codes = np.array([0, 1, 2, 3, 4, 5], np.uint8)
+    truth = metrics.codes_to_truth(codes)
+    assert truth.dtype == bool and truth.tolist() == [False, True, True, True, True, False]
+    with pytest.raises(ValueError, match=r"^reference codes above 5$"):
+        metrics.codes_to_truth(np.array([6], np.uint8))
+    png = np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match=r"^reference codes must be uint8 \(metrics.reference_codes\), got int64$"):
+        metrics.midrc_log_loss(png, np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match=r"^empty map$"):
+        metrics.midrc_log_loss(np.zeros((0, 2), np.uint8), np.zeros((0, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"^joint_counts needs a uint8 map, got float32$"):
+        metrics.joint_counts(png.astype(np.float32), np.zeros((2, 2), np.uint8))
+    assert metrics.to_probability(np.array([255, 51], np.uint8)).tolist() == [1.0, 0.2]
+    assert metrics.to_probability(np.array([0.25], np.float32)).dtype == np.float64
+    balanced = metrics.map_metric("balanced")
+    assert (balanced.pos_weight, balanced.neg_weight) == (1.0, 1.0)
+
+
+def test_dice_threshold_is_inclusive_and_truth_is_any_nonzero():
+    prob = np.array([[128, 127, 200, 0]], np.uint8)
+    truth = np.array([[2, 2, 0, 0]], np.uint8)  # 2, not 1 or 255: non-zero is opacity
+    assert metrics.dice(prob, truth, threshold=128 / 255) == pytest.approx(2 * 1 / (2 + 2))
+    assert metrics.dice(prob, truth, threshold=0.6) == 0.0

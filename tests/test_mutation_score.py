@@ -286,3 +286,46 @@ def test_saved_figures_are_png_at_100_dpi(tmp_path):
     with Image.open(tmp_path / "f.png") as image:
         assert image.format == "PNG" and image.size == (300, 200)
     assert not plt.get_fignums() or fig.number not in plt.get_fignums()  # closed
+
+
+# ----------------------------------------------------------------------------- the result's keys and chosen ids
+
+RESULT_KEYS = {
+    "accuracy", "auc", "auc_ci95", "box_level", "box_level_name", "confusion_matrix", "dice", "dice_positive", "f1",
+    "fn", "fp", "layout", "map_log_loss", "map_log_loss_ci95", "map_log_loss_negative", "map_log_loss_positive",
+    "metric", "metric_description", "n_ignored_predictions", "n_images", "n_maps", "n_positive", "neg_weight",
+    "per_image", "pos_weight", "precision", "recall", "rsna_map", "specificity", "split", "threshold",
+    "threshold_source", "tn", "tp", "truth", "truth_def", "truth_source", "warnings", "work"}
+
+
+def test_the_result_has_exactly_its_keys_and_the_auc_interval(case):
+    result = score.score_submission(case["pred"], case["truth"])
+    assert set(result) == RESULT_KEYS  # score.json's fields: a field added on purpose is added here too
+    assert result["n_positive"] == sum(bool(b) for b in BOXES.values())
+    assert result["metric_description"] == metrics.map_metric("midrc").describe()
+    y = np.array([r["target"] for r in result["per_image"]])
+    s = np.array([r["probability"] for r in result["per_image"]])
+    assert result["auc_ci95"] == list(metrics.bootstrap_interval(
+        np.column_stack([y, s]), lambda rows: metrics.roc_auc(rows[:, 0], rows[:, 1])))
+
+
+def test_chosen_ids_are_scored_alone(case):
+    result = score.score_submission(case["pred"], case["truth"], ids=["p4"])  # one id, with boxes
+    assert result["n_images"] == 1 and [r["image_id"] for r in result["per_image"]] == ["p4"]
+    assert result["rsna_map"] == metrics.rsna_map({"p4": np.array([[28, 40, 16, 14]])},
+                                                  {"p4": ([0.7], [[26, 42, 16, 14]])})
+    with pytest.raises(score.SubmissionError) as error:
+        score.score_submission(case["pred"], case["truth"], ids=["nobody"])
+    assert str(error.value) == f"{case['truth']}: no truth image to score"
+
+
+def test_missing_predictions_and_boxes_are_named_exactly(case):
+    (case["pred"] / "predictions.csv").write_text("image_id,probability\np0,0.5\n")
+    with pytest.raises(score.SubmissionError) as error:
+        score.score_submission(case["pred"], case["truth"], ids=["p0", "p1"])
+    assert str(error.value) == f"{case['pred'] / 'predictions.csv'} has no prediction for 1 truth id(s): p1"
+    (case["pred"] / "predictions.csv").write_text("image_id,probability\np0,0.5\np1,0.5\n")
+    (case["pred"] / "rsna_submission.csv").write_text("patientId,PredictionString\np0,\n")
+    with pytest.raises(score.SubmissionError) as error:
+        score.score_submission(case["pred"], case["truth"], ids=["p0", "p1"])
+    assert str(error.value) == f"{case['pred'] / 'rsna_submission.csv'} has no prediction for 1 truth id(s): p1"
