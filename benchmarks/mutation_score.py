@@ -2,11 +2,14 @@
 
 Reads `mutmut results --all true` on stdin (lines ``    <mutant name>: <status>``), leaves out the
 mutants that were not run (``not checked``: outside the Makefile's selectors), and prints killed /
-survived / total with the percentage, per module and in all, then the surviving mutants' names.
+survived / other (no tests, suspicious, segfault) / total with the percentage, per module and in all,
+then the names of the mutants not killed.
 
-With ``--accepted FILE`` (benchmarks/mutation_survivors.md) the mutants named there in backticks are the
-ones judged message-only (they change a message, a help text or a figure's look, not a number): the
-score of the behaviour-changing mutants leaves them out of the total.
+With ``--accepted FILE`` (benchmarks/mutation_survivors.md) the surviving mutants named there in backticks
+are the accepted ones: message-only (a help text, a progress bar, a warning's stack level) or equivalent
+(no observable difference, e.g. ``copy=False`` -> ``copy=True``). The ``behaviour`` line is the score
+without them; names listed there that were killed or no longer exist (the mutated code changed, so the
+numbering did) are counted as stale.
 
     mutmut results --all true | python benchmarks/mutation_score.py --accepted benchmarks/mutation_survivors.md
 """
@@ -21,7 +24,7 @@ from typing import Iterable
 
 KILLED = ("killed", "timeout", "caught by type check")
 LINE = re.compile(r"^\s*(?P<name>\S+__mutmut_\d+): (?P<status>.+?)\s*$")
-NAME_IN_TEXT = re.compile(r"`(pneumomap\.[^`\s]+__mutmut_\d+)`")
+NAME_IN_TEXT = re.compile(r"`(pneumomap\.[^`\s{]+__mutmut_)(?:(\d+)|\{([\d,]+)\})`")  # name_7 or name_{3,7}
 
 
 def parse_results(lines: Iterable[str]) -> dict[str, str]:
@@ -40,10 +43,13 @@ def module_of(name: str) -> str:
 
 
 def accepted_names(path: Path) -> set[str]:
-    """The mutant names written in backticks in ``path`` (the message-only survivors)."""
+    """The mutant names written in backticks in ``path``: ``...__mutmut_7``, or ``...__mutmut_{3,7}`` for several."""
     if not path.is_file():
-        raise SystemExit(f"{path}: no such file (the list of accepted message-only survivors)")
-    return set(NAME_IN_TEXT.findall(path.read_text(encoding="utf-8")))
+        raise SystemExit(f"{path}: no such file (the list of accepted survivors)")
+    names = set()
+    for prefix, one, several in NAME_IN_TEXT.findall(path.read_text(encoding="utf-8")):
+        names.update(prefix + number for number in (one or several).split(","))
+    return names
 
 
 def _line(label: str, counts: Counter) -> str:
@@ -54,7 +60,7 @@ def _line(label: str, counts: Counter) -> str:
 
 
 def report(results: dict[str, str], accepted: set[str] | None = None) -> str:
-    """The score table (per module, then all), the survivors and, with ``accepted``, the behaviour score."""
+    """The score table (per module, then all), with ``accepted`` the behaviour score, then the survivors."""
     if not results:
         raise SystemExit("no mutant was run: run `make mutate` (mutmut run) first")
     by_module: dict[str, Counter] = defaultdict(Counter)
@@ -65,19 +71,20 @@ def report(results: dict[str, str], accepted: set[str] | None = None) -> str:
     lines.append(_line("all", Counter(results.values())))
     survivors = sorted(n for n, s in results.items() if s not in KILLED)
     if accepted is not None:
-        listed = [n for n in survivors if n in accepted]
-        behaviour = Counter(s for n, s in results.items() if n not in accepted or s in KILLED)
-        lines.append(_line(f"behaviour ({len(listed)} msg-only out)", behaviour))
-        survivors = [n for n in survivors if n not in accepted]
-    lines.append(f"{len(survivors)} mutant(s) not killed" + (" (besides the accepted ones)" if accepted else "")
-                 + (":" if survivors else ""))
+        listed = {n for n in survivors if n in accepted}
+        behaviour = Counter(s for n, s in results.items() if n not in listed)
+        lines.append(_line(f"behaviour ({len(listed)} accepted out)", behaviour))
+        lines.append(f"{len(accepted - listed)} name(s) of the accepted list were killed or no longer exist")
+        survivors = [n for n in survivors if n not in listed]
+    lines.append(f"{len(survivors)} mutant(s) not killed" + (" besides the accepted ones" if accepted is not None
+                                                             else "") + (":" if survivors else ""))
     lines += [f"  {n}: {results[n]}" for n in survivors]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--accepted", type=Path, help="file naming the accepted message-only survivors")
+    parser.add_argument("--accepted", type=Path, help="file naming the accepted (message-only, equivalent) survivors")
     args = parser.parse_args(argv)
     print(report(parse_results(sys.stdin), accepted_names(args.accepted) if args.accepted else None))
     return 0

@@ -18,7 +18,6 @@ from pneumomap.stages.preprocess import resize as pre_resize
 from properties import FAST
 
 
-
 def blob_lungs(rng: np.random.Generator, shape: tuple[int, int]) -> ops.Lungs:
     """Two disjoint random lungs: the right one (image left) in columns [0, 0.65 w), the left one in [0.35 w, w);
     the shared columns go to one side or the other pixel by pixel, so each box holds pixels of the other lung."""
@@ -29,8 +28,7 @@ def blob_lungs(rng: np.random.Generator, shape: tuple[int, int]) -> ops.Lungs:
     to_right = np.where(shared, rng.random(shape) < 0.5, cols < int(0.35 * w))
     right, left = in_lung & to_right, in_lung & ~to_right
     right[h // 2, 0] = left[h // 2, w - 1] = True  # neither side empty
-    right[0, int(0.35 * w)] = True
-    left[0, int(0.35 * w)] = False
+    right[0, int(0.35 * w)], left[0, int(0.35 * w)] = True, False  # a right pixel in the shared columns
     return ops.Lungs(LungSplit(right | left, right, left, bounding_box(right), bounding_box(left), False))
 
 
@@ -119,8 +117,10 @@ def oracle_overestimate(prob: np.ndarray, amounts: dict) -> np.ndarray:
 
 @FAST
 @given(seed=st.integers(0, 2**31), level=st.sampled_from(ops.LEVELS),
-       low=st.fixed_dictionaries({}, optional={"dilate": st.integers(0, 3), "raise": st.sampled_from([0.0, 0.1, 0.6])}),
-       high=st.fixed_dictionaries({}, optional={"dilate": st.integers(0, 3), "raise": st.sampled_from([0.0, 0.3, 0.9])}))
+       low=st.fixed_dictionaries({}, optional={"dilate": st.integers(0, 3),
+                                               "raise": st.sampled_from([0.0, 0.1, 0.6])}),
+       high=st.fixed_dictionaries({}, optional={"dilate": st.integers(0, 3),
+                                                "raise": st.sampled_from([0.0, 0.3, 0.9])}))
 def test_overestimate_grows_then_raises_by_the_level_amounts(seed, level, low, high):
     rng = np.random.default_rng(seed)
     prob = rng.random((15, 13), dtype=np.float32)

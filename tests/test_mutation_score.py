@@ -15,7 +15,10 @@ from PIL import Image
 from pneumomap import metrics, score
 from pneumomap.cli import main as cli_main
 from pneumomap.labels import load_rsna
-from test_score import BOXES, case, make_midrc_pred, make_pred, make_truth  # noqa: F401  (case: a fixture)
+import test_score
+from test_score import BOXES, make_midrc_pred, make_pred, make_truth
+
+case = test_score.case  # the fixture: truth and submission folders of eight images
 
 
 def run_cli(case_, tmp_path, *options: str) -> dict:
@@ -84,7 +87,7 @@ def test_parser_types_defaults_and_required_options(tmp_path):
     assert str(error.value) == str(plain.value) != ""
 
 
-def test_ignored_options_are_all_noted(tmp_path, organisers_case=None):
+def test_ignored_options_are_all_noted(tmp_path):
     parser = argparse.ArgumentParser()
     score.add_arguments(parser)
     args = parser.parse_args(["--pred", "p", "--truth", "t", "--pos-weight", "2", "--neg-weight", "3",

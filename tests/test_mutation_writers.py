@@ -85,7 +85,8 @@ def test_image_size_from_headers_and_the_fallback(tmp_path):
     (1, 1, (1, 1)), (writers.MAX_FALLBACK_SIDE, 3, (writers.MAX_FALLBACK_SIDE, 3)),
     (3, writers.MAX_FALLBACK_SIDE, (3, writers.MAX_FALLBACK_SIDE)),
     (0, 5, writers.FALLBACK_SIZE), (5, 0, writers.FALLBACK_SIZE),
-    (writers.MAX_FALLBACK_SIDE + 1, 5, writers.FALLBACK_SIZE), (5, writers.MAX_FALLBACK_SIDE + 1, writers.FALLBACK_SIZE),
+    (writers.MAX_FALLBACK_SIDE + 1, 5, writers.FALLBACK_SIZE),
+    (5, writers.MAX_FALLBACK_SIDE + 1, writers.FALLBACK_SIZE),
 ])
 def test_image_size_believes_headers_within_the_limits(tmp_path, monkeypatch, rows, columns, expected):
     ds = Dataset()
