@@ -154,6 +154,27 @@ def test_clip_counts_are_the_counts_of_the_clipped_map(seed, a, b, outside):
     assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)
 
 
+@pytest.mark.parametrize("lung_fraction, code_fraction", [(0.0, 0.5), (1.0, 0.5), (0.6, 0.0), (0.6, 1.0)])
+def test_clip_counts_without_lungs_codes_or_outside(lung_fraction, code_fraction):
+    # no lung pixel (an empty box), no outside pixel, every code 0 (a negative image: no code array kept)
+    rng = np.random.default_rng(3)
+    shape = (17, 11)
+    prob = rng.random(shape).astype(np.float32)
+    lungs_mask = rng.random(shape) < lung_fraction
+
+    class Lungs:
+        def mask_at(self, shape_):
+            return lungs_mask
+
+    codes = np.where(rng.random(shape) < code_fraction, rng.integers(1, metrics.N_CODES, shape), 0).astype(np.uint8)
+    context = ops.clip_context(shape, Lungs(), codes)
+    assert (context[2] is None) == (not codes[lungs_mask].any())
+    summary = ops.clip_summary(prob, context)
+    for low, high, outside in ((1, 254, 1), (30, 200, 7)):
+        expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
+        assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)
+
+
 def test_choice_rules_lone_dip_against_a_broad_valley():
     # a lone dip at 0.2 (one image's luck) and a broad valley around 0.7
     curve = tune.Curve([0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],

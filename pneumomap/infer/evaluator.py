@@ -17,7 +17,9 @@ PNGs. What keeps it fast and its memory bounded at RSNA's size (5,000 validation
   input is summarised once as per-reference-code byte counts over the lung pixels (`ops.clip_summary`, with
   what it needs of the image prepared once, `ops.clip_context`), and each candidate's loss
   is `metrics.MapMetric.loss_of_counts` of `ops.clip_counts`: the very counts of the clipped map, so the very
-  number, for 1,500 additions instead of two passes over a million pixels.
+  number, for 1,500 additions instead of two passes over a million pixels. Summaries (6 kB) and contexts
+  (packed bits) are kept in their own caches; maps at the original size are not kept at all, so a later
+  sweep finds an image's summaries and working-frame maps instead of recomputing its truth and its maps.
 - **Images in parallel.** `ParallelEvaluator` forks worker processes that each own every k-th image and its
   memos for the whole search; the parent sends candidates and gathers per-image losses chunk by chunk.
 """
@@ -41,6 +43,9 @@ from pneumomap.infer.spec import IMAGE, Node, Pipeline
 SCALAR_TYPES = ("bool", "choice", "level", "probability", "extent")
 DEFAULT_BUDGET = 1 << 30  # bytes of memoised maps and loaded model outputs, all workers together
 NONE = ("=", None)  # the key of a value known to be None (a gated-out map)
+# maps at the original image size are not kept: each is one candidate's own, and what the search reads
+# again of it is its summary (`summaries`); keeping them would push out the working-frame maps they grow from
+ORIGINAL_SIZE_TYPES = ("fullmap", "map8")
 CHUNK = 16  # images per message between the parent and a worker (the progress bar's step)
 
 Progress = Callable[[int], None]  # called with a number of images just evaluated (for every candidate)
@@ -173,10 +178,11 @@ class Evaluator(BaseEvaluator):
         self.pipeline, self.stored, self.truth_of, self.map_metric = pipeline, stored, truth, metric
         self.memo: list[dict[int, Any]] = [{} for _ in stored]  # per image: scalar op values by key id
         self.losses_memo: list[dict[int, float]] = [{} for _ in stored]  # per image: loss by final key id
-        self.arrays = LRU(budget // 2)  # (image, key id) -> op maps and final-op summaries
+        self.arrays = LRU(budget * 3 // 8)  # (image, key id) -> op maps in the working frame
         self.loaded = LRU(budget // 4)  # (image, node) -> model maps read from disk
-        self.codes = LRU(budget // 8)  # image -> reference codes
-        self.contexts = LRU(budget // 8)  # (image, ...) -> the final op's per-image context (`ops.clip_context`)
+        self.codes = LRU(budget // 16)  # image -> reference codes
+        self.contexts = LRU(budget * 3 // 16)  # (image, ...) -> the final op's per-image context (`ops.clip_context`)
+        self.summaries = LRU(budget // 8)  # (image, input key ids) -> the final op's summary (a few kB)
         self.ids: dict[tuple, int] = {}
         self.meaning: list[tuple] = []
         self.none_id, self.image_id = self.key_id(NONE), self.key_id((IMAGE,))
@@ -235,8 +241,8 @@ class Evaluator(BaseEvaluator):
 
     def _summary(self, plan: _Plan, i: int, keys: dict[str, int], node: Node) -> np.ndarray:
         """The final op's summary of its inputs: its first input the map, the others fixed per image."""
-        cache_key = (i, "summary") + tuple(keys[s] for s in node.inputs)
-        summary = self.arrays.get(cache_key)
+        cache_key = (i,) + tuple(keys[s] for s in node.inputs)
+        summary = self.summaries.get(cache_key)
         if summary is None:
             definition = OPS[node.type]
             prob_map = self.value(plan, i, keys, node.inputs[0])
@@ -247,7 +253,7 @@ class Evaluator(BaseEvaluator):
                 context = definition.context(prob_map.shape, *others, self.codes_of(i))
                 self.contexts.put(context_key, context)
             summary = definition.summary(prob_map, context)
-            self.arrays.put(cache_key, summary)
+            self.summaries.put(cache_key, summary)
         return summary
 
     def keys(self, plan: _Plan, i: int) -> dict[str, int]:
@@ -289,7 +295,8 @@ class Evaluator(BaseEvaluator):
             return hit
         node = plan.pipeline.nodes[name]
         result = evaluate_op(node, {s: self.value(plan, i, keys, s) for s in node.inputs})
-        self.arrays.put((i, key), result)
+        if node.output not in ORIGINAL_SIZE_TYPES:
+            self.arrays.put((i, key), result)
         return result
 
     def _model_value(self, i: int, name: str) -> Any:
@@ -345,6 +352,7 @@ class ParallelEvaluator(BaseEvaluator):
         evaluator.loaded.budget //= workers
         evaluator.codes.budget //= workers
         evaluator.contexts.budget //= workers
+        evaluator.summaries.budget //= workers
         self.connections, self.processes = [], []
         for _ in range(workers):
             parent, child = context.Pipe()

@@ -244,30 +244,41 @@ def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, out
 
 
 def clip_context(map_shape: tuple[int, int], lungs: Lungs, codes: np.ndarray) -> tuple:
-    """What `clip_summary` needs of an image besides its map, computed once per image: the lung mask at
-    the map's size, each lung pixel's row offset (code * 257) and the outside pixels' count per code."""
+    """What `clip_summary` needs of an image besides its map, computed once per image and kept small (a few
+    hundred kB at 1024 px, so that thousands of images' contexts stay in memory): the lung mask's bounding
+    box at the map's size, the mask inside it as packed bits, the lung pixels' codes times 257 (None when
+    all are 0, as on every negative RSNA image) and the outside pixels' count per code."""
     from pneumomap.metrics import N_CODES
 
     inside = lungs.mask_at(map_shape)
     codes = np.asarray(codes)
     outside = np.bincount(codes[~inside].ravel(), minlength=N_CODES)[:N_CODES]
-    return inside, codes[inside].astype(np.uint16) * np.uint16(257), outside
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:  # no lung pixel: every pixel is outside
+        return (0, 0, 0, 0), np.zeros(0, np.uint8), None, outside
+    box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+    in_box = inside[box[0]:box[1], box[2]:box[3]]
+    lung_codes = codes[box[0]:box[1], box[2]:box[3]][in_box]
+    offsets = lung_codes.astype(np.uint16) * np.uint16(257) if lung_codes.any() else None
+    return box, np.packbits(in_box), offsets, outside
 
 
 def clip_summary(prob_map: np.ndarray, context: tuple) -> np.ndarray:
-    """int64 (N_CODES, 257) of `clip`'s input against the reference codes (`clip_context`): per code, the
+    """int32 (N_CODES, 257) of `clip`'s input against the reference codes (`clip_context`): per code, the
     lung pixels at each byte ``rint(p * 255)`` (columns 0-255, clamped to that range) and the pixels
     outside the lungs (column 256). Every `clip` of this input has its `metrics.joint_counts` in `clip_counts`."""
     from pneumomap.metrics import N_CODES
 
-    inside, offsets, outside = context
-    scaled = np.multiply(prob_map[inside], 255.0, dtype=np.float64)  # as `clip`: float64, so rint rounds as it does
-    np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled)
+    (r0, r1, c0, c1), packed, offsets, outside = context
+    in_box = np.unpackbits(packed, count=(r1 - r0) * (c1 - c0)).view(bool).reshape(r1 - r0, c1 - c0)
+    scaled = np.multiply(prob_map[r0:r1, c0:c1][in_box], 255.0, dtype=np.float64)  # as `clip`: float64, so
+    np.clip(np.rint(scaled, out=scaled), 0, 255, out=scaled)  # rint rounds as it does
     column = scaled.astype(np.uint16)
-    column += offsets  # at most 5 * 257 + 255: fits
+    if offsets is not None:
+        column += offsets  # at most 5 * 257 + 255: fits
     counts = np.bincount(column, minlength=N_CODES * 257)[:N_CODES * 257].reshape(N_CODES, 257)
     counts[:, 256] += outside
-    return counts
+    return counts.astype(np.int32)
 
 
 def clip_counts(summary: np.ndarray, low: int = 10, high: int = 245, outside: int = 1) -> np.ndarray:
