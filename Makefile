@@ -32,6 +32,7 @@ test: $(STAMP)
 # 45 minutes on this project's shared 2-core machine; one module: make mutate MUTATE_SELECT='pneumomap.metrics.*'.
 # The accepted survivors (message-only, equivalent) are listed in benchmarks/mutation_survivors.md.
 MUTATE_SELECT := 'pneumomap.infer.ops.*' 'pneumomap.infer.writers.*' 'pneumomap.metrics.*' \
+	'pneumomap.infer.tune.space.*' 'pneumomap.infer.tune.search.*' \
 	'pneumomap.labels.*' 'pneumomap.score.*' 'pneumomap.stages.classifier.*ScoreStage*activation__mutmut_*' \
 	'pneumomap.stages.classifier.*ScoreStage*ensemble_logits__mutmut_*' \
 	'pneumomap.stages.classifier.*Classifier*class_index__mutmut_*' \

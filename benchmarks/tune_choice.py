@@ -33,7 +33,7 @@ def test_metric(pipeline_path: Path, data: Path, thresholds_list: list[dict], wo
     """The test split's mean map metric of each thresholds block (stored outputs, networks run once)."""
     from pneumomap import metrics
     from pneumomap.infer import runner, spec, tune
-    from pneumomap.infer.evaluator import Evaluator
+    from pneumomap.infer.tune.evaluator import Evaluator
     from pneumomap.truth import load_truth
 
     pipeline = spec.load(pipeline_path)
@@ -59,10 +59,10 @@ def compare(name: str, pipeline: Path, val: Path, test: Path, work: Path, test_w
         started = time.perf_counter()
         result = tune.tune(pipeline, val, out, split="val", work=work, device="cpu", progress=False, folds=0,
                            choice=rule)
-        tuned[rule] = result["thresholds_after"]
-        row[f"val_{rule}"] = result["metric_after"]
+        tuned[rule] = result.thresholds_after
+        row[f"val_{rule}"] = result.metric_after
         row[f"seconds_{rule}"] = round(time.perf_counter() - started, 1)
-        row["n_val"] = result["n_images"]
+        row["n_val"] = result.n_images
     untuned = spec.load(pipeline).thresholds
     scores = test_metric(pipeline, test, [untuned, tuned["argmin"], tuned["smoothed"]], test_work)
     row.update(test_untuned=scores[0], test_argmin=scores[1], test_smoothed=scores[2], thresholds=tuned)

@@ -78,15 +78,15 @@ def main() -> None:
     untuned = infer_and_score(pipeline, data, test_ids, out / "test_untuned", args.device)
     tuned = infer_and_score(tuned_path, data, test_ids, out / "test_tuned", args.device, reuse=out / "test_untuned")
     summary = {
-        "n_val": result["n_images"], "n_test": len(test_ids),
-        "val_before": result["metric_before"], "val_after": result["metric_after"],
+        "n_val": result.n_images, "n_test": len(test_ids),
+        "val_before": result.metric_before, "val_after": result.metric_after,
         "test_before": untuned["map_log_loss"], "test_after": tuned["map_log_loss"],
         "test_dice_before": untuned["dice"], "test_dice_after": tuned["dice"],
         "test_specificity_before": untuned["specificity"], "test_specificity_after": tuned["specificity"],
         "test_recall_before": untuned["recall"], "test_recall_after": tuned["recall"],
         "tune_seconds_first": round(first, 1), "tune_seconds_again": round(again, 1),
-        "evaluations": result["evaluations"], "train_seconds": train_seconds,
-        "thresholds_before": result["thresholds_before"], "thresholds_after": result["thresholds_after"],
+        "evaluations": result.evaluations, "train_seconds": train_seconds,
+        "thresholds_before": result.thresholds_before, "thresholds_after": result.thresholds_after,
     }
     (out / "tune_phantom.json").write_text(json.dumps(summary, indent=2) + "\n")
     for key, value in summary.items():

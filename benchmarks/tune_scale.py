@@ -109,6 +109,7 @@ def child(args: argparse.Namespace) -> None:
     kwargs = dict(split="val", work=args.work, device="cpu", progress=False, folds=folds)
     result = module.tune(args.pipeline, data, out, **kwargs)
     seconds = time.perf_counter() - started
+    result = result if isinstance(result, dict) else result.to_json()  # the baseline returns the JSON's dict
     print(json.dumps({"search_s": round(seconds, 1), "metric_after": result["metric_after"],
                       "metric_before": result["metric_before"], "thresholds_after": result["thresholds_after"],
                       "evaluations": result["evaluations"], "n_images": result["n_images"],

@@ -7,7 +7,7 @@ Here, once for every subcommand: the options that are the same everywhere (``--v
 the exit-status convention (0 ok, 1 some images failed, 2 unusable input or configuration: a user
 error, `pneumomap.errors.is_user_error`, ends in one message and status 2, never a traceback) and
 the shared spellings of the options several commands take (`add_workers_argument`,
-`add_quiet_argument`; an old spelling stays as a hidden alias that prints a deprecation note).
+`add_quiet_argument`, `add_precision_argument`; an old spelling stays as a hidden alias that prints a deprecation note).
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pneumomap.demo", "the whole lifecycle on phantom data: synth, train, tune, infer, score, report"),
     "synth": ("pneumomap.synth", "write a phantom RSNA-format data set (DICOMs, label CSVs, lung masks, split)"),
     "inspect": ("pneumomap.stages.inspect", "decode radiographs and print their metadata, statistics and errors"),
-    "stage": ("pneumomap.stages.run", "run one stage alone over a folder of images"),
+    "stage": ("pneumomap.infer.stage_cli", "run one stage alone over a folder of images"),
     "train": ("pneumomap.train.cli", "train one stage from an RSNA-format folder with its recipe"),
     "fill-masks": ("pneumomap.fillmasks", "predict the lung masks that were not drawn, once, with a trained lung stage"),
     "infer": ("pneumomap.infer.cli", "run pipeline.yaml over a test set into submission files"),
     "ensemble": ("pneumomap.ensemble", "average the saved probabilities of several infer runs into one submission"),
     "graph": ("pneumomap.infer.graph", "print the pipeline DAG as a Mermaid diagram"),
     "score": ("pneumomap.score", "score a submission folder (either layout) by the MIDRC metric against RSNA or reference-map truth"),
-    "tune": ("pneumomap.infer.tune", "tune pipeline thresholds on validation data over stored model outputs"),
+    "tune": ("pneumomap.infer.tune.cli", "tune pipeline thresholds on validation data over stored model outputs"),
     "report": ("pneumomap.report", "write an offline HTML report of map overlays"),
     "package": ("pneumomap.package", "package a pipeline as the MIDRC XAI uploads: Docker image zip and program zip"),
     "export": ("pneumomap.export", "export a stage checkpoint's network as ONNX or a torch.export program"),
@@ -190,6 +190,15 @@ def add_workers_argument(parser: argparse.ArgumentParser, default: int | None, h
     """``--workers N``: the processes that decode images (or write them); ``--jobs`` is its old spelling."""
     parser.add_argument("--workers", type=int, default=default, metavar="N", help=help_text)
     deprecated_alias(parser, "--jobs", "--workers", "workers", type=int, metavar="N")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (`pneumomap.device.inference_precision`), shared by infer, tune and stage;
+    kept free of torch so that ``--help`` stays instant."""
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                        help="auto: fp16 autocast on CUDA, fp32 on the CPU; bf16: bfloat16 autocast (CPUs with "
+                        "AVX512-BF16/AMX: the fast CPU setting, two images at once, see the README; or CUDA); fp32: "
+                        "full precision everywhere; tune with the precision you will infer with (default: %(default)s)")
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from pneumomap.checkpoints import BEST
 from pneumomap.fileio import atomic_write_text
+from pneumomap.train.recipes import STAGES
 
-TRAIN_ORDER = ("lungs", "classifier", "regressor_right", "regressor_left",
-               "mapper_whole", "mapper_right", "mapper_left")
-ENCODER_OF = {"mapper_whole": "classifier", "mapper_right": "regressor_right", "mapper_left": "regressor_left"}
+TRAIN_ORDER = tuple(STAGES)  # the training stages in the order they are listed: each mapper after its source
+ENCODER_OF = {name: spec.source for name, spec in STAGES.items() if spec.source}  # mapper -> the stage it decodes
 REPOSITORY_PIPELINE = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 
 
@@ -124,7 +125,7 @@ def run_demo(out: Path, n: int, size: int, seed: int, device: str, overrides: li
 
     sets = [arg for o in overrides for arg in ("--set", o)]
     for stage in TRAIN_ORDER:
-        extra = ["--set", f"encoder_from={models / ENCODER_OF[stage] / 'best'}"] if stage in ENCODER_OF else []
+        extra = ["--set", f"encoder_from={models / ENCODER_OF[stage] / BEST}"] if stage in ENCODER_OF else []
         seconds[f"train {stage}"] = pneumomap("train", stage, "--data", data, "--out", models / stage,
                                               "--recipe", "tiny", "--device", device, *extra, *sets,
                                               log=logs / f"train_{stage}.log")

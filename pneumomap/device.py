@@ -46,8 +46,8 @@ def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"
 
 def inference_precision(device: torch.device, precision: str = "auto") -> str:
     """The precision inference runs at (checked by `check_precision`): ``auto`` is float16 AMP on
-    CUDA and full float32 on the CPU (as nnU-Net does; bf16 is the CPU's opt-in: 1.5x faster with
-    two streams on 2 cores, probabilities within 0.01, the demo's map log loss 0.620 -> 0.659)."""
+    CUDA and full float32 on the CPU (as nnU-Net does; bf16 is the CPU's opt-in: faster with two
+    streams, slightly less exact; the figures: benchmarks/RESULTS.md, "Figures behind design choices")."""
     check_precision(device, precision)
     if precision != "auto":
         return precision
@@ -84,9 +84,8 @@ def decode_workers(device: torch.device, requested: int | None) -> int:
     """Decode worker processes: ``requested``, or by default 4 beside a GPU and none on the CPU.
 
     On the CPU torch's threads already use every core, and a process decoding next to them
-    stalls them all at each operation (even at the lowest priority): on 2 cores a 40-image run
-    of the default pipeline took 643 ms per image with 2 niced workers and 445 ms decoding in
-    the main process between the networks (benchmarks/RESULTS.md).
+    stalls them all at each operation (even at the lowest priority): decoding in the main process
+    between the networks is faster there (benchmarks/RESULTS.md, "Figures behind design choices").
     """
     if requested is not None:
         return max(0, requested)
@@ -95,9 +94,10 @@ def decode_workers(device: torch.device, requested: int | None) -> int:
 
 def cpu_streams(device: torch.device, precision: str, requested: int | None = None) -> int:
     """Images computed at once on the CPU, each in its own thread with its share of torch's
-    threads: ``requested``, or by default 2 in bfloat16 (two one-thread streams: 1.2x the images
-    per second of one two-thread stream on 2 cores) and 1 in float32 (whose one-thread kernels are
-    2.6x slower than two-thread ones). Always 1 on CUDA."""
+    threads: ``requested``, or by default 2 in bfloat16 (two one-thread streams compute more images
+    per second than one two-thread stream) and 1 in float32 (whose one-thread kernels are much slower
+    than two-thread ones; the figures: benchmarks/RESULTS.md, "Figures behind design choices").
+    Always 1 on CUDA."""
     if device.type != "cpu":
         return 1
     if requested is not None:
@@ -108,9 +108,9 @@ def cpu_streams(device: torch.device, precision: str, requested: int | None = No
 def forward_batch(device: torch.device, batch_size: int) -> int:
     """Images per network call: the whole batch on CUDA, one at a time on the CPU.
 
-    On the CPU, 512 px activations of a batch spill out of the caches: EfficientNet-B4 (frozen,
-    channels_last, 2 cores) takes 75 ms per image at batch 1 and 124 ms per image at batch 8;
-    the lung U-Net 132 against 186 ms (benchmarks/RESULTS.md). Batches still group the I/O.
+    On the CPU, 512 px activations of a batch spill out of the caches: a batch takes longer per
+    image than one image at a time (benchmarks/RESULTS.md, "Figures behind design choices").
+    Batches still group the I/O.
     """
     return max(1, batch_size) if device.type == "cuda" else 1
 

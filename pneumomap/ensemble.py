@@ -147,8 +147,7 @@ def combine_image(pipeline: Any, image_id: str, runs: Sequence[Run]) -> tuple[wr
     if not present:
         path = runs[0].failures[image_id][0]
         reasons = list(dict.fromkeys(run.failures[image_id][1] for run in runs))
-        floor = node.params.get("outside", 1)
-        return writers.failure_record(image_id, path, "; ".join(reasons)), writers.fallback_map(path, floor)
+        return writers.failure_record(image_id, path, "; ".join(reasons)), writers.fallback_map(path, pipeline.floor)
     total = sum(weight for weight, _ in present)
     mean = np.zeros(present[0][1].map.shape, np.float64)
     probability = 0.0

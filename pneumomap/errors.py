@@ -13,8 +13,8 @@ from __future__ import annotations
 USER_ERRORS: frozenset[str] = frozenset({
     "pneumomap.errors.UserError",
     "pneumomap.infer.spec.PipelineError",
-    "pneumomap.infer.runner.RunError",
-    "pneumomap.infer.tune.TuneError",
+    "pneumomap.infer.inputs.RunError",
+    "pneumomap.infer.tune.options.TuneError",
     "pneumomap.train.recipes.RecipeError",
     "pneumomap.stages.base.ConfigError",
     "pneumomap.stages.reader.UnreadableImageError",

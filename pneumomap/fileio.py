@@ -60,7 +60,7 @@ def encode_png(array, bits: int = 8) -> bytes:
     """A 2-D uint8 (or uint16 with bits=16) array as greyscale PNG bytes.
 
     zlib's run-length strategy: on opacity maps and masks as small as the default deflate and
-    2-5x faster (1024 px map with one opacity: 7.9 -> 3.5 ms, 23.9 -> 23.7 kB).
+    faster (benchmarks/RESULTS.md, "Figures behind design choices").
     """
     import io
     import zlib

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import json
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from pneumomap.errors import UserError
+from pneumomap.suggest import did_you_mean
 
 Path_ = tuple[str, ...]
 
@@ -77,11 +77,6 @@ def nested(items: Iterable[str]) -> dict:
     return result
 
 
-def _closest(key: str, choices: Iterable[Any]) -> str:
-    match = difflib.get_close_matches(key, [str(c) for c in choices], n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def apply(document: Any, items: Iterable[str], may_add: Callable[[Path_], bool] = lambda path: False,
           where: str = "the document") -> Any:
     """A deep copy of ``document`` with each override set at its path.
@@ -101,7 +96,7 @@ def apply(document: Any, items: Iterable[str], may_add: Callable[[Path_], bool] 
                                     f"{where} is not a mapping of keys")
             if part not in node and not may_add(here):
                 raise OverrideError(f"--set {'.'.join(path)}: {where} has no key '{dotted}'"
-                                    + _closest(dotted, [".".join((*path[:depth], str(k))) for k in node]))
+                                    + did_you_mean(dotted, [".".join((*path[:depth], str(k))) for k in node]))
             if depth == len(path) - 1:
                 node[part] = copy.deepcopy(value)
             else:

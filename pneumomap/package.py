@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from pneumomap.checkpoints import CONFIG_FILE, run_folder
+
 DEFAULT_BASE_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
 DEFAULT_PYTHON = "3.11"  # the default base image's Python
 DEFAULT_GLIBC = "2.35"   # its Ubuntu 22.04: the newest manylinux wheels it runs
@@ -291,11 +293,6 @@ def check_program_pipeline(original: Any, packaged_path: Path) -> None:
 # ----------------------------------------------------------------------------- the description
 
 
-def _run_folder(checkpoint: Path) -> Path | None:
-    """The training run a checkpoint came from: the parent of ``best/``, when it is one."""
-    return checkpoint.parent if checkpoint.name == "best" else None
-
-
 def _read_yaml(path: Path) -> Any:
     import yaml
 
@@ -312,52 +309,19 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _size_text(size: Any) -> str:
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        return f"{size[0]} x {size[1]} pixels (height x width)"
-    return str(size)
-
-
-def _backbone(name: str) -> str:
-    return name[3:] if name.startswith("tu-") else name
-
-
 def _model_sentence(node: Any) -> str:
     """What one model node is: kind, backbones, input size, from its checkpoint's config.yaml."""
     from pneumomap.infer.spec import STAGES
+    from pneumomap.stages.base import size_text, stage_class
 
-    saved = _read_yaml(node.checkpoint / "config.yaml") or {}
+    saved = _read_yaml(node.checkpoint / CONFIG_FILE) or {}
     cfg = saved.get("config") if isinstance(saved, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     role = STAGES[node.type].help
     parts = [f"Node '{node.name}' is a {node.type} stage ({role})."]
-    if node.type == "lungs":
-        parts.append(f"It is a U-Net whose encoder is the timm backbone {_backbone(str(cfg.get('encoder', '?')))}"
-                     f" (decoder channels {cfg.get('decoder_channels', '?')}); the lung probability is thresholded at "
-                     f"{cfg.get('threshold', '?')} and the mask is split into the patient's right and left lungs, "
-                     f"whose crops are resized to {_size_text(cfg.get('crop_size', '?'))} for the per-lung stages.")
-    elif node.type in ("classifier", "regressor"):
-        backbones = [str(b) for b in cfg.get("backbones") or []]
-        if len(backbones) > 1:
-            parts.append(f"It is an ensemble of {len(backbones)} networks averaged: " + ", ".join(backbones) + ".")
-        elif backbones:
-            parts.append(f"Its network is the timm backbone {backbones[0]} with generalised-mean (GeM) pooling and "
-                         "a linear head.")
-        if node.type == "regressor":
-            parts.append(f"It regresses the fraction of the patient's {cfg.get('side', '?')} lung covered by opacity "
-                         "from that lung's crop.")
-        elif int(cfg.get("n_classes", 1) or 1) > 1:
-            parts.append(f"It predicts {cfg.get('n_classes')} classes {cfg.get('class_names') or ''}; the pneumonia "
-                         "probability is taken from them.")
-        if cfg.get("flip_tta"):
-            parts.append("Its prediction is averaged with the prediction on the left-right flipped image.")
-    elif node.type == "mapper":
-        source = node.inputs[0] if node.inputs else "?"
-        parts.append(f"It decodes an opacity map from the frozen encoder ({_backbone(str(cfg.get('encoder', '?')))}) "
-                     f"of node '{source}', with a U-Net-style decoder (channels {cfg.get('decoder_channels', '?')}), "
-                     "so the map is computed from the same features that produce that node's score.")
+    parts += stage_class(node.type).describe(cfg, list(node.inputs))
     if "input_size" in cfg:
-        parts.append(f"Its input is {_size_text(cfg['input_size'])}.")
+        parts.append(f"Its input is {size_text(cfg['input_size'])}.")
     if node.when:
         parts.append(f"It runs only for images that gate '{node.when}' passes.")
     parts.append(_training_sentence(node))
@@ -367,7 +331,7 @@ def _model_sentence(node: Any) -> str:
 def _training_sentence(node: Any) -> str:
     from pneumomap.train.recipes import STAGES as TRAINING
 
-    run = _run_folder(node.checkpoint)
+    run = run_folder(node.checkpoint)
     history = _read_json(run / "history.json") if run else None
     recipe = _read_yaml(run / "recipe.yaml") if run else None
     if not isinstance(history, list) and not isinstance(recipe, dict):
@@ -444,13 +408,12 @@ def tune_header(text: str) -> list[str]:
 
 
 def _explainability(pipeline: Any, gated: list[str]) -> str:
+    from pneumomap.stages.base import stage_class
+
     types = {n.type for n in pipeline.nodes.values()}
     text = ("The opacity map is the explanation of the image-level result: it shows where in the lungs the pipeline "
             "finds the opacities that make the image positive.")
-    if "mapper" in types:
-        text += (" The maps are decoded from the encoders of the scoring networks themselves, which were frozen while "
-                 "the decoders were trained, so the localisation comes from the same features as the score rather "
-                 "than from a separate post-hoc method.")
+    text += "".join(stage_class(kind).explanation() for kind in dict.fromkeys(n.type for n in pipeline.model_nodes))
     if gated:
         text += (f" Images that the gate {', '.join(repr(g) for g in gated)} does not pass are treated as negative: "
                  "the networks that depend on the gate are not run for them and their map holds the floor value.")

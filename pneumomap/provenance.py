@@ -30,8 +30,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from pneumomap.checkpoints import CHECKPOINT_FILES, checkpoint_folder
+
 LIBRARIES = ("torch", "timm", "segmentation_models_pytorch", "pydicom", "numpy")
-CHECKPOINT_FILES = ("config.yaml", "weights.safetensors")
 _INVOKED: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("pneumomap_invoked", default=None)
 
 
@@ -68,9 +69,7 @@ def checkpoint_record(directory: str | Path) -> dict[str, str | None]:
     """{path, config.yaml, weights.safetensors}: the checkpoint folder and its files' sha256 (None: absent).
 
     A training run's folder means its ``best/`` (as pipelines and `load_stage` read it)."""
-    directory = Path(directory)
-    if not (directory / CHECKPOINT_FILES[0]).is_file() and (directory / "best").is_dir():
-        directory = directory / "best"
+    directory = checkpoint_folder(directory)
     record: dict[str, str | None] = {"path": str(directory.resolve())}
     for name in CHECKPOINT_FILES:
         record[name] = file_sha256(directory / name) if (directory / name).is_file() else None

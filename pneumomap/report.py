@@ -49,8 +49,11 @@ class Case:
 # ----------------------------------------------------------------------------- pictures
 
 def to_grey(pixels: np.ndarray) -> np.ndarray:
-    """Corrected pixels -> float [0, 1] by the 0.5 / 99.5 percentiles."""
-    low, high = np.percentile(pixels, (0.5, 99.5))
+    """Corrected pixels -> float [0, 1] by the intensity range the models see (the 0.5 / 99.5
+    percentiles, `pneumomap.stages.preprocess.intensity_range`)."""
+    from pneumomap.stages.preprocess import intensity_range
+
+    low, high = intensity_range(pixels)
     return np.clip((pixels.astype(np.float32) - low) / max(float(high - low), 1e-6), 0.0, 1.0)
 
 

@@ -217,11 +217,9 @@ def test_spec_validates_positive():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    from pneumomap.infer.tiny import write_inputs, write_pipeline
-
+def pipeline(tmp_path_factory, tiny_pipeline, phantom_inputs):
     root = tmp_path_factory.mktemp("multiclass")
-    return write_pipeline(root / "pipe"), write_inputs(root / "data", n=3, corrupt=False)
+    return tiny_pipeline(root / "pipe"), phantom_inputs(root / "data", n=3, corrupt=False)
 
 
 def _with_classifier(path, tmp_path, n_classes: int, class_names, positive=None):

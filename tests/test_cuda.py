@@ -23,7 +23,6 @@ from pneumomap.device import images_to_device, pin_memory, to_device
 from pneumomap.infer import artifacts as art
 from pneumomap.infer import runner, spec
 from pneumomap.infer.runner import RunOptions
-from pneumomap.infer.tiny import write_inputs, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda", 0)
@@ -33,11 +32,11 @@ pytestmark = [pytest.mark.cuda,
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     """A tiny random-weight pipeline with the gate open (every model node runs for every image)."""
     root = tmp_path_factory.mktemp("cuda")
-    images = write_inputs(root / "data", n=8, size=128, corrupt=False)
-    path = write_pipeline(root / "pipe", thresholds={"classifier": 0.0})
+    images = phantom_inputs(root / "data", n=8, size=128, corrupt=False)
+    path = tiny_pipeline(root / "pipe", thresholds={"classifier": 0.0})
     return {"root": root, "images": images, "path": path, "pipeline": spec.load(path)}
 
 

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from pneumomap.infer import runner, spec
-from pneumomap.infer.tiny import write_pipeline
 
 H, W = 160, 200  # not square: a transposition shows
 LUNG_ROWS, LUNG_RADII = 80, (55, 35)
@@ -67,9 +66,9 @@ def _control(models: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(tmp_path_factory, tiny_pipeline):
     root = tmp_path_factory.mktemp("sides")
-    return root, write_pipeline(root / "pipe")
+    return root, tiny_pipeline(root / "pipe")
 
 
 @pytest.mark.parametrize("route", ["lung", "whole"])  # the per-lung mappers, or the whole-image mapper

@@ -13,7 +13,6 @@ from pneumomap import cli as top
 from pneumomap import ensemble as ens
 from pneumomap.infer import runner, spec, writers
 from pneumomap.infer.runner import RunOptions
-from pneumomap.infer.tiny import write_inputs, write_pipeline
 
 FAST = dict(workers=0, progress=False, batch_size=3)
 CLIP = dict(low=10, high=245, outside=1)  # pipeline.yaml's thresholds.clip
@@ -29,15 +28,15 @@ def _png(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     """Runs A and B (other weights) over 4 phantoms + 1 corrupt file; in B one more image is corrupt."""
     root = tmp_path_factory.mktemp("ensemble")
-    images = write_inputs(root / "data", n=4, size=64)
+    images = phantom_inputs(root / "data", n=4, size=64)
     broken = root / "broken"
     shutil.copytree(images, broken)
     good = sorted(p for p in broken.iterdir() if "corrupt" not in p.name)
     good[0].write_bytes(b"\0" * 128 + b"DICM" + b"broken in run B only" * 10)
-    paths = {name: write_pipeline(root / name, thresholds={"classifier": 0.0}, seed=seed)  # every gate passes
+    paths = {name: tiny_pipeline(root / name, thresholds={"classifier": 0.0}, seed=seed)  # every gate passes
              for name, seed in (("a", 0), ("b", 1))}
     for name, inputs in (("a", images), ("b", broken)):
         summary = runner.run(spec.load(paths[name]), inputs, root / f"out{name}",

@@ -23,17 +23,16 @@ import pytest
 from PIL import Image
 
 from pneumomap.fileio import TEMP_PREFIX
-from pneumomap.infer.tiny import write_inputs, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = "image-level-classifications.csv"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     root = tmp_path_factory.mktemp("hostile")
-    images = write_inputs(root / "data", n=3, size=64, corrupt=False)
-    pipeline = write_pipeline(root / "pipe", thresholds={"classifier": 0.0})  # every node runs
+    images = phantom_inputs(root / "data", n=3, size=64, corrupt=False)
+    pipeline = tiny_pipeline(root / "pipe", thresholds={"classifier": 0.0})  # every node runs
     return {"root": root, "images": images, "pipeline": pipeline,
             "good": sorted(images.glob("*.dcm"))}
 

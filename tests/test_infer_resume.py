@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from pneumomap.infer.tiny import write_inputs, write_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = ["decisions.csv", "rsna_submission.csv", "failures.csv"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     root = tmp_path_factory.mktemp("resume")
-    images = write_inputs(root / "data", n=10)
+    images = phantom_inputs(root / "data", n=10)
     # gate open for all: every node runs for every image
-    pipeline = write_pipeline(root / "pipe", thresholds={"classifier": 0.0})
+    pipeline = tiny_pipeline(root / "pipe", thresholds={"classifier": 0.0})
     return {"images": images, "pipeline": pipeline}
 
 

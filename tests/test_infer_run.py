@@ -13,17 +13,16 @@ from PIL import Image
 
 from pneumomap.infer import cli, runner, spec
 from pneumomap.infer.runner import RunOptions
-from pneumomap.infer.tiny import write_inputs, write_pipeline
 
 FAST = dict(workers=0, progress=False, batch_size=3)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     """Tiny random-weight pipeline whose gate passes about half of 6 phantoms (+1 corrupt file)."""
     root = tmp_path_factory.mktemp("tiny")
-    images = write_inputs(root / "data", n=6)
-    path = write_pipeline(root / "pipe")
+    images = phantom_inputs(root / "data", n=6)
+    path = tiny_pipeline(root / "pipe")
     pipeline = spec.load(path)
     probe = root / "probe"
     runner.run(pipeline, images, probe, RunOptions(**FAST))

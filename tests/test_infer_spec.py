@@ -41,6 +41,18 @@ def test_default_pipeline_is_valid_and_topological():
     assert "mapper_whole" in mermaid(pipeline) and "gate -.->|when| mapper_whole" in mermaid(pipeline)
 
 
+def test_the_floor_is_what_the_final_op_declares(monkeypatch):
+    pipeline = spec.load(DEFAULT, check_checkpoints=False)
+    assert pipeline.floor == pipeline.thresholds["clip"]["outside"]
+    assert pipeline.with_thresholds({**pipeline.thresholds, "clip": {"low": 10, "high": 245, "outside": 7}}).floor == 7
+    import dataclasses
+
+    from pneumomap.infer import ops
+
+    monkeypatch.setitem(ops.OPS, "clip", dataclasses.replace(ops.OPS["clip"], floor=None))
+    assert pipeline.floor == ops.MAP8_RANGE[0] == 1  # a final op that declares no floor: the lowest map value
+
+
 def test_unknown_op_and_stage_suggest(tmp_path, raw):
     raw["nodes"]["gate"]["op"] = "gaet"
     raw["nodes"]["lungs"]["stage"] = "lung"

@@ -13,7 +13,6 @@ import yaml
 
 from pneumomap.cli import main as cli_main
 from pneumomap.infer import runner, spec
-from pneumomap.infer.tiny import write_pipeline
 from pneumomap.stages import create_stage, load_stage, tiny_config
 from pneumomap.stages.mapper import EncoderMismatchError, Mapper, encoder_sha256
 
@@ -21,10 +20,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> dict:
+def pipe(tmp_path_factory, tiny_pipeline) -> dict:
     """The tiny pipeline plus a 'retrained' classifier (same architecture, other weights)."""
     root = tmp_path_factory.mktemp("mapper_encoder")
-    path = write_pipeline(root / "pipe")
+    path = tiny_pipeline(root / "pipe")
     torch.manual_seed(99)
     create_stage("classifier", tiny_config("classifier")).save(root / "retrained")
     return {"root": root, "path": path, "retrained": root / "retrained"}

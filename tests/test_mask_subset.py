@@ -169,12 +169,10 @@ def test_a_lung_stage_failure_on_one_image_is_recorded_and_the_rest_written(subs
     assert result["predicted"] == 19 and manifest(data)[victim]["source"] == "unreadable"
 
 
-def test_every_stage_after_the_fill_uses_every_image(filled, tmp_path):
+def test_every_stage_after_the_fill_uses_every_image(filled, tmp_path, tiny_pipeline):
     """regressor on every image, then tune and score on the validation split with predicted masks."""
     from pneumomap import score
     from pneumomap.infer import tune
-    from pneumomap.infer.tiny import write_pipeline
-
     data, dataset = filled["data"], load_rsna(filled["data"])
     summary = run("regressor_right", data, tmp_path / "regressor_right")
     assert summary["train_images"] == len(dataset.ids_in("train")) and summary["skipped"] == 0
@@ -183,20 +181,20 @@ def test_every_stage_after_the_fill_uses_every_image(filled, tmp_path):
     assert summary["lung_masks"] == {"drawn": drawn, "predicted": 20 - drawn}
     assert '"predicted": 16' in (tmp_path / "regressor_right" / "summary.json").read_text()
 
-    pipeline = write_pipeline(tmp_path / "pipe")
+    pipeline = tiny_pipeline(tmp_path / "pipe")
     result = tune.tune(pipeline, data, pipeline.parent / "tuned.yaml", split="val", target_tnr=0.5, device="cpu",
                        workers=0, progress=False, folds=0)
-    assert result["n_images"] == len(dataset.ids_in("val")) and result["n_failed"] == 0
-    assert result["metric_after"] <= result["metric_before"]
-    scored = score.score_submission(result["work"], data, split="val")
-    assert scored["map_log_loss"] == pytest.approx(result["metric_before"], rel=1e-12)
+    assert result.n_images == len(dataset.ids_in("val")) and result.n_failed == 0
+    assert result.metric_after <= result.metric_before
+    scored = score.score_submission(result.work, data, split="val")
+    assert scored["map_log_loss"] == pytest.approx(result.metric_before, rel=1e-12)
     # the truth uses the predicted masks: the opacity region lies inside them
     truth = score.load_truth(data, split="val")
     pid = next(p for p in truth.ids if p not in filled["drawn"] and dataset.boxes[p])
     codes = truth.codes(pid, (64, 64))
     lungs = read_lung_mask(dataset.predicted_mask_path(pid))
     assert not (codes[~lungs] > 0).any()
-    assert cli_main(["score", "--pred", result["work"], "--truth", str(data), "--split", "val"]) == 0
+    assert cli_main(["score", "--pred", result.work, "--truth", str(data), "--split", "val"]) == 0
 
 
 def test_a_drawn_mask_wins_over_a_predicted_one(filled, tmp_path):

@@ -101,3 +101,89 @@ def test_fallback_map_is_the_floor_at_the_header_size(tmp_path):
     floor = writers.fallback_map(tmp_path / "a.png")
     assert floor.dtype == np.uint8 and floor.shape == (7, 5) and np.all(floor == 1)
     assert np.all(writers.fallback_map(tmp_path / "a.png", floor=3) == 3)
+
+
+# ----------------------------------------------------------------------------- saved probabilities
+
+
+def _pipeline_ending_in(op: str, inputs: list[str], is_model: bool = False):
+    from types import SimpleNamespace
+
+    final = SimpleNamespace(name="final", type=op, is_model=is_model, inputs=inputs)
+    return SimpleNamespace(nodes={"final": final}, outputs=SimpleNamespace(map="final"))
+
+
+def test_probability_path_and_the_inputs_of_the_final_op(tmp_path):
+    assert writers.probability_path(tmp_path, "abc") == tmp_path / "probabilities" / "abc.npz"
+    assert writers.probability_path(str(tmp_path), "x.y") == tmp_path / "probabilities" / "x.y.npz"
+    assert writers.probability_inputs(_pipeline_ending_in("clip", ["masked", "lungs_node"])) == ("masked", "lungs_node")
+    for op, inputs, is_model in (("resize", ["grown", "image"], False), ("overestimate", ["combined"], False),
+                                 ("lungs", ["image"], True)):
+        with pytest.raises(ValueError, match=rf"outputs\.map: the node 'final' \({op}\) does not take"):
+            writers.probability_inputs(_pipeline_ending_in(op, inputs, is_model))
+
+
+def test_float16_keeping_bytes_at_every_rounding_boundary():
+    steps = np.arange(256, dtype=np.float64)
+    edges = np.concatenate([(steps + 0.5) / 255.0 + d for d in (-1e-4, -1e-6, 0.0, 1e-6, 1e-4)])
+    values = np.clip(np.concatenate([edges, steps / 255.0, np.linspace(0, 1, 4001)]), 0, 1).astype(np.float32)
+    half = writers.float16_keeping_bytes(values)
+    assert half.dtype == np.float16 and half.shape == values.shape
+    want = np.rint(values.astype(np.float64) * 255.0)
+    assert np.array_equal(np.rint(half.astype(np.float64) * 255.0), want)
+    nearest = values.astype(np.float16)
+    kept = np.rint(nearest.astype(np.float64) * 255.0) == want
+    assert np.array_equal(half[kept], nearest[kept])  # the nearest float16 wherever it keeps the byte
+    assert (~kept).any()  # some nearest ones cross a boundary: those move one float16 step, toward the byte
+    moved = half[~kept].astype(np.float64) - nearest[~kept].astype(np.float64)
+    step = np.abs(np.nextafter(nearest[~kept], np.float16(np.inf)).astype(np.float64) - nearest[~kept])
+    assert np.all(np.abs(moved) <= step * 1.0001) and np.all(moved != 0)
+    assert np.all(np.sign(moved) == np.sign(want[~kept] - np.rint(nearest[~kept].astype(np.float64) * 255.0)))
+
+
+def test_saved_probabilities_round_trip_and_their_key(tmp_path):
+    rng = np.random.default_rng(4)
+    prob = rng.random((9, 7)).astype(np.float32)
+    lungs = rng.random((9, 7)) < 0.5
+    path = tmp_path / "probabilities" / "a.npz"
+    path.parent.mkdir()
+    writers.save_probabilities(path, prob, lungs.astype(np.uint8), 0.123456789012345, "/data/a.dcm", "k-1")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.npz"]  # nothing half-written beside it
+    saved = writers.load_probabilities(path)
+    assert saved.map.dtype == np.float16 and np.array_equal(saved.map, writers.float16_keeping_bytes(prob))
+    assert saved.lungs.dtype == bool and np.array_equal(saved.lungs, lungs)
+    assert saved.probability == 0.123456789012345 and saved.path == "/data/a.dcm" and saved.key == "k-1"
+    assert writers.saved_key(path) == "k-1"
+    assert writers.saved_key(tmp_path / "missing.npz") is None
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    assert writers.saved_key(tmp_path / "junk.npz") is None
+
+
+def _write_npz(path, **arrays):
+    np.savez_compressed(path, **{"map": np.zeros((4, 4), np.float16), "lungs": np.ones((4, 4), bool),
+                                 "probability": np.float64(0.5), "path": np.str_("p"), "key": np.str_("k"),
+                                 **arrays})
+    return path
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(map=np.zeros((4, 5), np.float16)), r"map \(4, 5\) and lung mask \(4, 4\) \(bool\) are not two"),
+    (dict(lungs=np.ones((4, 4), np.uint8)), r"map \(4, 4\) and lung mask \(4, 4\) \(uint8\) are not two"),
+    (dict(map=np.zeros((2, 4, 4), np.float16), lungs=np.ones((2, 4, 4), bool)), r"are not two \(H, W\) arrays"),
+    (dict(map=np.zeros((4, 4), np.float32)), r"the map is not finite float16 \(float32\)"),
+    (dict(map=np.full((4, 4), np.nan, np.float16)), r"the map is not finite float16 \(float16\)"),
+])
+def test_load_probabilities_names_the_file_and_what_is_wrong(tmp_path, arrays, message):
+    path = _write_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message) as error:
+        writers.load_probabilities(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+def test_load_probabilities_of_a_file_that_is_not_one(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"junk\.npz: not a saved-probabilities file \(\w+"):
+        writers.load_probabilities(tmp_path / "junk.npz")
+    np.savez(tmp_path / "partial.npz", map=np.zeros((2, 2), np.float16))  # no lungs in it
+    with pytest.raises(ValueError, match=r"partial\.npz: not a saved-probabilities file \(KeyError"):
+        writers.load_probabilities(tmp_path / "partial.npz")

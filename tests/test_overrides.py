@@ -11,7 +11,7 @@ import yaml
 
 from pneumomap import cli, overrides, provenance
 from pneumomap.infer import spec
-from pneumomap.infer.tiny import DEFAULT_PIPELINE, write_inputs, write_pipeline
+from pneumomap.infer.tiny import DEFAULT_PIPELINE
 from pneumomap.synth import generate
 
 REAL_PNG = Path(__file__).resolve().parent / "data" / "real" / "png"
@@ -60,10 +60,10 @@ def test_text_keeps_comments_and_loads_as_the_overridden_document():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     root = tmp_path_factory.mktemp("overrides")
-    path = write_pipeline(root / "pipe")
-    images = write_inputs(root / "data", n=2, size=64, corrupt=False)
+    path = tiny_pipeline(root / "pipe")
+    images = phantom_inputs(root / "data", n=2, size=64, corrupt=False)
     return {"root": root, "path": path, "images": images}
 
 

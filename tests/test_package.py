@@ -18,19 +18,19 @@ import yaml
 
 from pneumomap import cli, package, submission
 from pneumomap.infer import spec
-from pneumomap.infer.tiny import DEFAULT_PIPELINE, write_inputs, write_pipeline
+from pneumomap.infer.tiny import DEFAULT_PIPELINE
 
 TUNE_HEADER = ["# tune: tuned by `pneumomap tune` on 2024-05-01; only the thresholds block below was changed.",
                "# tune: mean map log loss: 0.31000 before (untuned thresholds) -> 0.20500 after."]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
     """The repository's pipeline.yaml (comments and all, with a tune header) over tiny random-weight
     checkpoints; the classifier's is a training run folder (best/, history.json, recipe.yaml)."""
     root = tmp_path_factory.mktemp("package")
     folder = root / "user"
-    write_pipeline(folder)
+    tiny_pipeline(folder)
     run = folder / "runs" / "cls"
     (run).mkdir(parents=True)
     shutil.move(folder / "checkpoints" / "classifier", run / "best")
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory) -> dict:
     text = text.replace("checkpoint: checkpoints/", "checkpoint: ./checkpoints/")  # every value changes when packaged
     path = folder / "tuned.yaml"
     path.write_text("\n".join(TUNE_HEADER) + "\n" + text, encoding="utf-8")
-    images = write_inputs(root / "data", n=4, size=64)
+    images = phantom_inputs(root / "data", n=4, size=64)
     program = root / "program"
     info = package.build_program(path, program)
     return {"root": root, "path": path, "images": images, "program": program, "info": info}

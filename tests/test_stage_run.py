@@ -113,3 +113,22 @@ def test_lung_half_mapper_is_pasted_into_its_box(setup):
 def test_wrong_checkpoint_kind_is_a_clear_error(setup, capsys):
     assert run(setup, "mapper", "classifier", "out_wrong") == 2
     assert "holds a 'classifier' stage" in capsys.readouterr().err
+
+
+def test_stage_gives_the_numbers_infer_gives(tmp_path, tiny_pipeline, phantom_inputs):
+    """`pneumomap stage` runs through the engine of `pneumomap infer`: the classifier's probabilities are
+    the very numbers of infer's predictions.csv, the unreadable image a failure in both."""
+    from pneumomap.infer import runner, spec
+
+    images = phantom_inputs(tmp_path / "data", n=4)
+    path = tiny_pipeline(tmp_path / "pipe")
+    runner.run(spec.load(path), images, tmp_path / "infer",
+               runner.RunOptions(workers=0, progress=False, artifacts=False, format="pneumomap"))
+    assert main(["stage", "classifier", "--checkpoint", str(path.parent / "checkpoints" / "classifier"), "--input",
+                 str(images), "--out", str(tmp_path / "stage"), "--device", "cpu", "--quiet"]) == 1
+    with open(tmp_path / "infer" / "predictions.csv", newline="") as handle:
+        inferred = {r["image_id"]: r["probability"] for r in csv.DictReader(handle)}
+    failed = [r[0] for r in rows(tmp_path / "stage" / "failures.csv")[1:]]
+    assert failed == [r[0] for r in rows(tmp_path / "infer" / "failures.csv")[1:]] and len(failed) == 1
+    staged = {r[0]: r[1] for r in rows(tmp_path / "stage" / "classifier.csv")[1:]}
+    assert len(staged) == 4 and staged == {k: v for k, v in inferred.items() if k not in failed}

@@ -29,7 +29,7 @@ def tiny(kind: str, **overrides):
 # ----------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("kind", ["lungs", "classifier", "regressor", "mapper"])
+@pytest.mark.parametrize("kind", list_stages())  # every registered kind
 def test_config_roundtrips_through_yaml(kind):
     cfg = tiny_config(kind)
     again = type(cfg).from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
@@ -183,6 +183,10 @@ STAGES = {
     "mapper-regressor": lambda: _mapper(tiny("regressor", side="left"), [16, 16, 8, 8, 8]),
     "mapper-convnext": lambda: _mapper(tiny("classifier", backbones=["test_convnext"]), [32, 16, 16, 8]),
 }
+
+
+def test_every_registered_kind_has_checkpoint_cases():
+    assert {name.split("-")[0] for name in STAGES} == set(list_stages())
 
 
 @pytest.mark.parametrize("name", list(STAGES))

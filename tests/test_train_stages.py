@@ -116,11 +116,10 @@ def test_corrupt_image_is_skipped_and_counted(data, tmp_path):
     assert summary["history"][-1]["skipped"] == 1
 
 
-def test_training_runs_plug_into_a_pipeline(trained, data, tmp_path):
+def test_training_runs_plug_into_a_pipeline(trained, data, tmp_path, tiny_pipeline):
     from pneumomap.infer import spec
-    from pneumomap.infer.tiny import write_pipeline
 
-    path = write_pipeline(tmp_path)
+    path = tiny_pipeline(tmp_path)
     for stage in ("classifier", "regressor_right", "regressor_left"):
         target = tmp_path / "checkpoints" / stage
         shutil.rmtree(target)

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pneumomap import metrics
-from pneumomap.infer import evaluator as ev
 from pneumomap.infer import ops, runner, spec, tune
-from pneumomap.infer.tiny import write_pipeline
+from pneumomap.infer.tune import evaluator as ev
+from pneumomap.infer.tune import parallel
 from pneumomap.synth import generate
 from pneumomap.truth import load_truth
 
@@ -37,11 +37,11 @@ class Plain(ev.BaseEvaluator):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, tiny_pipeline) -> dict:
     """36 phantoms, the tiny pipeline run once ungated; eager and lazy stored outputs and the truth codes."""
     root = tmp_path_factory.mktemp("evaluator")
     generate(root / "rsna", 36, seed=5, size=64)
-    pipeline = spec.load(write_pipeline(root / "pipe"))
+    pipeline = spec.load(tiny_pipeline(root / "pipe"))
     truth = load_truth(root / "rsna", split=None)
     paths = [truth.image_path(pid) for pid in truth.ids]
     options = runner.RunOptions(device="cpu", workers=0, progress=False, ungated=True)
@@ -112,7 +112,7 @@ def test_the_search_is_the_same_serial_parallel_and_plain(setup):
     plain = Plain(pipeline, setup["eager"], setup["codes"], metric)
     expected = tune.coordinate_descent(plain, start, axes, rounds=2, progress=False, indices=subset)
     serial = ev.Evaluator(pipeline, setup["lazy"], lambda i: setup["codes"][i], metric)
-    with ev.ParallelEvaluator(ev.Evaluator(pipeline, setup["lazy"], lambda i: setup["codes"][i], metric), 2) as par:
+    with parallel.ParallelEvaluator(ev.Evaluator(pipeline, setup["lazy"], lambda i: setup["codes"][i], metric), 2) as par:
         for evaluator in (serial, par):
             got = tune.coordinate_descent(evaluator, start, axes, rounds=2, progress=False, indices=subset)
             assert got[0] == expected[0] and got[1] == expected[1]
@@ -128,9 +128,28 @@ def test_a_failing_worker_raises_with_its_traceback(setup):
     def broken(i):
         raise ValueError(f"no truth for image {i}")
 
-    with ev.ParallelEvaluator(ev.Evaluator(pipeline, setup["lazy"], broken, metrics.map_metric("midrc")), 2) as par:
-        with pytest.raises(ev.EvaluationError, match="no truth for image"):
+    with parallel.ParallelEvaluator(ev.Evaluator(pipeline, setup["lazy"], broken, metrics.map_metric("midrc")), 2) as par:
+        with pytest.raises(parallel.EvaluationError, match="no truth for image"):
             par.losses_of([pipeline.thresholds])
+
+
+def test_keys_of_each_kind_are_interned_apart():
+    """The same key, the same id; keys of different kinds never share one, though NamedTuples with the same
+    items compare equal (a choice 'whole' and a model node named 'whole')."""
+    from pneumomap.infer.tune.keys import ImageKey, Known, KeyTable, ModelOutput, OpKey
+
+    table = KeyTable()
+    whole = table.known("whole")
+    assert table.model("whole") != whole and table.known("whole") == whole and table.model("whole") == table.model("whole")
+    assert Known("whole") == ModelOutput("whole")  # why each kind has its own table
+    assert table.none == table.known(None) and table.meaning[table.none] == Known(None)
+    assert table.meaning[table.image] == ImageKey() and len({table.image, table.none, whole}) == 3
+    op = table.op("grown", '{"dilate": 4}', (whole, table.image))
+    assert table.op("grown", '{"dilate": 4}', (whole, table.image)) == op
+    assert table.meaning[op] == OpKey("grown", '{"dilate": 4}', (whole, table.image))
+    assert table.op("grown", '{"dilate": 8}', (whole, table.image)) != op
+    assert table.op("grown", '{"dilate": 4}', (table.image, whole)) != op
+    assert [type(k) for k in table.meaning] == [ImageKey, Known, Known, ModelOutput, OpKey, OpKey, OpKey]
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,17 +192,3 @@ def test_clip_counts_without_lungs_codes_or_outside(lung_fraction, code_fraction
     for low, high, outside in ((1, 254, 1), (30, 200, 7)):
         expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
         assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)
-
-
-def test_choice_rules_lone_dip_against_a_broad_valley():
-    # a lone dip at 0.2 (one image's luck) and a broad valley around 0.7
-    curve = tune.Curve([0.0, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9],
-                       [1.0, 1.0, 0.50, 1.0, 0.9, 0.62, 0.60, 0.62, 0.9])
-    assert curve.values[tune.choose(curve, 0.0, "argmin")] == 0.2
-    assert curve.values[tune.choose(curve, 0.0, "smoothed")] == 0.7
-    assert tune.choose(curve, 0.2, "argmin") is None  # already at the lowest
-    assert tune.choose(curve, 0.7, "smoothed") is None  # already at the smoothed lowest
-    flat = tune.Curve([1, 2, 3], [0.5, 0.5, 0.5])
-    assert tune.choose(flat, 2, "argmin") is None and tune.choose(flat, 2, "smoothed") is None
-    with pytest.raises(ValueError, match="unknown choice rule"):
-        tune.choose(curve, 0.0, "median")

@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from pneumomap.cli import add_precision_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", default="pipeline.yaml", help="the pipeline YAML (default: %(default)s)")
@@ -60,15 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser, "a key of the pipeline, e.g. thresholds.classifier=0.8 or "
                      "nodes.classifier.checkpoint=runs/cls2 (relative to the pipeline file, as in it); recorded in "
                      "run_summary.json")
-
-
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` (`pneumomap.device.inference_precision`), shared by infer, tune and stage;
-    kept free of torch so that ``--help`` stays instant."""
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                        help="auto: fp16 autocast on CUDA, fp32 on the CPU; bf16: bfloat16 autocast (CPUs with "
-                        "AVX512-BF16/AMX: the fast CPU setting, two images at once, see the README; or CUDA); fp32: "
-                        "full precision everywhere; tune with the precision you will infer with (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -77,6 +77,8 @@ class NodeDef:
     counts: Callable[..., np.ndarray] | None = None
     # input roles that, all None (gated out), make the output None whatever the parameters (combine, overestimate)
     none_if_all_none: tuple[str, ...] = ()
+    # a final op's value where there is no lung (and an unreadable image's whole map), from its parameters
+    floor: Callable[[dict[str, Any]], int] | None = None
 
     def gives_none(self, inputs: Sequence[Any]) -> bool:
         """Whether the output is None for these input values (by position; missing optional inputs are None)."""
@@ -336,5 +338,5 @@ OPS: dict[str, NodeDef] = {
          "outside": Param("int", *MAP8_RANGE, 1)},
         clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255",
         check=lambda p: f"low ({p['low']}) is above high ({p['high']})" if p["low"] > p["high"] else None,
-        context=clip_context, summary=clip_summary, counts=clip_counts),
+        context=clip_context, summary=clip_summary, counts=clip_counts, floor=lambda p: p["outside"]),
 }

@@ -27,7 +27,6 @@ the key path (e.g. ``nodes.mapper_right.inputs[0]``) and a hint. YAML is read wi
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import graphlib
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ from typing import Any
 
 import yaml
 
-from pneumomap.infer.ops import OPS, NodeDef, Param, Role
+from pneumomap.checkpoints import CHECKPOINT_FILES, checkpoint_folder as resolve_checkpoint
+from pneumomap.infer.ops import MAP8_RANGE, OPS, NodeDef, Param, Role
+from pneumomap.suggest import closest
 
 IMAGE = "image"  # the implicit source node: the input radiograph
 DECISION_TYPES = {"gate": "bool", "right_extent": "extent", "left_extent": "extent",
@@ -62,7 +63,6 @@ STAGES: dict[str, NodeDef] = {
                                                     "not the one the mapper was trained on (one warning)")},
                       help="opacity map decoded from the frozen encoder of its input node"),
 }
-CHECKPOINT_FILES = ("config.yaml", "weights.safetensors")
 
 
 class PipelineError(ValueError):
@@ -113,6 +113,14 @@ class Pipeline:
     @property
     def op_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if not n.is_model]
+
+    @property
+    def floor(self) -> int:
+        """The map value where no lung is found (and of an unreadable image's whole map): what the final op
+        declares (`ops.NodeDef.floor`: `clip`'s ``outside``), else the lowest value a map may hold."""
+        node = self.nodes[self.outputs.map]
+        definition = None if node.is_model else OPS[node.type]
+        return int(definition.floor(node.params)) if definition is not None and definition.floor else MAP8_RANGE[0]
 
     def with_thresholds(self, thresholds: dict[str, Any], check_checkpoints: bool = False) -> "Pipeline":
         """The same pipeline with another thresholds block (validated again)."""
@@ -234,11 +242,6 @@ def replace_checkpoints(text: str, raw_nodes: dict, new_values: dict[str, str]) 
     return text
 
 
-def resolve_checkpoint(directory: Path) -> Path:
-    """A stage checkpoint dir; a training output DIR with DIR/best means DIR/best."""
-    return directory / "best" if (directory / "best").is_dir() else directory
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -251,9 +254,10 @@ class _Errors:
 
 
 def _closest(name: Any, candidates, what: str) -> str:
-    match = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.5)
+    """The hint for an unknown ``name``: the closest candidate (`pneumomap.suggest`), else them all."""
+    match = closest(name, candidates)
     if match:
-        return f"did you mean '{match[0]}'?"
+        return f"did you mean '{match}'?"
     return f"{what}: {', '.join(map(str, candidates))}" if candidates else ""
 
 

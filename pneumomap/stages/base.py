@@ -10,6 +10,14 @@ one from a checkpoint directory::
 
 Every stage class also declares ``tiny``: the overrides that make a CPU-test-sized variant
 (`tiny_config(kind)`), kept beside the real defaults like MONAI's tiny-network configs.
+
+What differs between the kinds is declared or implemented on their classes, so callers (the
+pipeline runner, ``pneumomap stage``, training) ask the stage instead of branching on its kind:
+``region`` / `Stage.input_region` (which input it takes: the whole image, one lung half, or its
+source's), `Stage.side`, ``output`` / `Stage.output_type` (the value a pipeline node of the kind
+gives), `Stage.activation` (logits -> probabilities), `Stage.node_output` (that value from a batch),
+`Stage.check_node_params`, `Stage.inference_parts` (what to trace for CPU inference) and
+`Stage.describe` (sentences of an algorithm description).
 """
 from __future__ import annotations
 
@@ -24,8 +32,8 @@ import torch
 import yaml
 from torch import nn
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "weights.safetensors"
+from pneumomap.checkpoints import CONFIG_FILE, WEIGHTS_FILE, checkpoint_folder
+
 FORMAT = 1
 
 C = TypeVar("C", bound="StageConfig")
@@ -128,16 +136,35 @@ def check_size(name: str, size: tuple[int, ...]) -> None:
         raise ConfigError(f"{name}: expected (height, width) of at least 8 pixels, got {list(size)}")
 
 
+def size_text(size: Any) -> str:
+    """'512 x 320 pixels (height x width)' for an (h, w) pair; anything else as it is (descriptions)."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return f"{size[0]} x {size[1]} pixels (height x width)"
+    return str(size)
+
+
+def timm_name(encoder: str) -> str:
+    """The timm model name of an encoder name (smp's 'tu-<timm name>' without its prefix)."""
+    return encoder[3:] if encoder.startswith("tu-") else encoder
+
+
+WHOLE_IMAGE = "whole"    # a stage's input: the whole radiograph (`preprocess.to_model_input`)
+LUNG_HALF = "lung_half"  # one lung's half crop, the stage's `Stage.side` (`lungs.lung_half_inputs`)
+FROM_SOURCE = "source"   # the input of the stage whose encoder it decodes (a mapper; `Stage.input_region` resolves it)
+
+
 class Stage(nn.Module):
     """A stage program: an nn.Module built from a config, saved and loaded as one directory.
 
-    Subclasses set ``kind``, ``config_class`` and ``tiny`` and are registered with
-    `register_stage`. Inputs are (B, 1, h, w) float tensors in [-1, 1] (`to_model_input`).
+    Subclasses set ``kind``, ``config_class``, ``tiny``, ``region`` and ``output`` and are registered
+    with `register_stage`. Inputs are (B, 1, h, w) float tensors in [-1, 1] (`to_model_input`).
     """
 
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[StageConfig]] = StageConfig
     tiny: ClassVar[dict[str, Any]] = {}
+    region: ClassVar[str] = WHOLE_IMAGE  # the kind's input: WHOLE_IMAGE, LUNG_HALF or FROM_SOURCE
+    output: ClassVar[str] = ""  # the value type a pipeline node of the kind gives (`pneumomap.infer.spec`'s types)
 
     def __init__(self, config: StageConfig) -> None:
         super().__init__()
@@ -149,6 +176,56 @@ class Stage(nn.Module):
     def input_size(self) -> tuple[int, int]:
         """(h, w) of the model input."""
         return tuple(self.config.input_size)  # type: ignore[attr-defined]
+
+    @property
+    def input_region(self) -> str:
+        """What this stage's network takes: `WHOLE_IMAGE` or `LUNG_HALF` (its `side`'s crop)."""
+        return self.region
+
+    @property
+    def on_lung_half(self) -> bool:
+        """Whether the input is one lung's half crop (cut by `lungs.lung_half_inputs`), not the whole image."""
+        return self.input_region == LUNG_HALF
+
+    @property
+    def side(self) -> str | None:
+        """The patient's lung a per-lung stage works on ('right' or 'left'); None for whole-image stages."""
+        return None
+
+    @property
+    def output_type(self) -> str:
+        """The value type of this stage's pipeline node (``output``; a lung-half mapper: 'lungmap')."""
+        return self.output
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (as `forward` gives them) -> probabilities: a sigmoid (score stages: or a softmax)."""
+        return torch.sigmoid(logits.float())
+
+    def node_output(self, x: torch.Tensor, features: list[torch.Tensor] | None = None,
+                    params: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The per-image value a pipeline node of this kind stores, for the batch ``x`` (``features``: the
+        encoder features to reuse, see the subclass; ``params``: the node's params)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run as a pipeline node")
+
+    def check_node_params(self, params: Mapping[str, Any]) -> None:
+        """Raise ValueError, naming the param, when a pipeline node's ``params`` do not fit this checkpoint."""
+
+    def inference_parts(self) -> list[tuple[nn.Module, str, str]]:
+        """(owner, attribute, label) of the heavy networks worth tracing for CPU inference
+        (`pneumomap.stages.inference.optimize_for_inference`)."""
+        return []
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], inputs: list[str]) -> list[str]:
+        """Sentences saying what a pipeline node of this kind is, from its checkpoint's config as read
+        from config.yaml (unvalidated: a missing value reads '?') and the node's ``inputs``."""
+        return []
+
+    @classmethod
+    def explanation(cls) -> str:
+        """What a pipeline with a node of this kind adds to the explainability paragraph of an algorithm
+        description ('' for nothing)."""
+        return ""
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``config.yaml`` and ``weights.safetensors`` (atomically) into ``directory``."""
@@ -265,9 +342,7 @@ def load_stage(directory: str | os.PathLike, map_location: str | torch.device = 
     """
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).exists() and (directory / "best" / CONFIG_FILE).exists():
-        directory = directory / "best"
+    directory = checkpoint_folder(directory)
     kind, cfg = read_config(directory)
     if overrides:
         cfg = override_config(kind, cfg, overrides, directory / CONFIG_FILE)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,34 @@ class ScoreStage(Stage):
         refuse_legacy_weights(state_dict, r"members\.\d+\.encoder\.")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def node_output(self, x: torch.Tensor, features: list[torch.Tensor] | None = None,
+                    params: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """`predict` (``features``: `encode(x)`, reused for member 0)."""
+        return self.predict(x, features)
+
+    def inference_parts(self) -> list[tuple[nn.Module, str, str]]:
+        """Each member's backbone encoder (GeM, heads and the pre-logits head stay eager)."""
+        return [(member, "encoder", f"{self.kind} encoder {member.name}") for member in self.members]
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], inputs: list[str]) -> list[str]:
+        parts = []
+        backbones = [str(b) for b in config.get("backbones") or []]
+        if len(backbones) > 1:
+            parts.append(f"It is an ensemble of {len(backbones)} networks averaged: " + ", ".join(backbones) + ".")
+        elif backbones:
+            parts.append(f"Its network is the timm backbone {backbones[0]} with generalised-mean (GeM) pooling and "
+                         "a linear head.")
+        parts += cls.describe_output(config)
+        if config.get("flip_tta"):
+            parts.append("Its prediction is averaged with the prediction on the left-right flipped image.")
+        return parts
+
+    @classmethod
+    def describe_output(cls, config: Mapping[str, Any]) -> list[str]:
+        """The sentences of `describe` on what the head predicts (none by default)."""
+        return []
+
 
 @register_stage
 class Classifier(ScoreStage):
@@ -170,6 +198,7 @@ class Classifier(ScoreStage):
     kind: ClassVar[str] = "classifier"
     config_class: ClassVar[type[StageConfig]] = ClassifierConfig
     tiny: ClassVar[dict[str, Any]] = {"backbones": ["test_efficientnet"], "input_size": [64, 64]}
+    output: ClassVar[str] = "probability"
 
     @property
     def n_outputs(self) -> int:
@@ -194,3 +223,19 @@ class Classifier(ScoreStage):
         """(B,) p of class ``name`` from `predict`'s output (a binary head's output as it is)."""
         index = self.class_index(name)
         return probs if index is None else probs[:, index]
+
+    def node_output(self, x: torch.Tensor, features: list[torch.Tensor] | None = None,
+                    params: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """(B,) p(pneumonia): a multi-class head's probability of the class ``params['positive']`` names."""
+        return self.probability_of(self.predict(x, features), (params or {}).get("positive"))
+
+    def check_node_params(self, params: Mapping[str, Any]) -> None:
+        """``positive`` must be one of a multi-class head's class_names (`class_index`)."""
+        self.class_index(params.get("positive"))
+
+    @classmethod
+    def describe_output(cls, config: Mapping[str, Any]) -> list[str]:
+        if int(config.get("n_classes", 1) or 1) > 1:
+            return [f"It predicts {config.get('n_classes')} classes {config.get('class_names') or ''}; the pneumonia "
+                    "probability is taken from them."]
+        return []

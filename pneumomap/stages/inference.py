@@ -2,8 +2,8 @@
 
 On the CPU, tracing a network and freezing the trace folds BatchNorm into the convolutions and
 fuses element-wise ops, with outputs equal to the eager network's to float rounding (~1e-7).
-Measured at 512 px, batch 1, channels_last, 2 cores: EfficientNet-B4 features 98 -> 73 ms, the
-lung U-Net 172 -> 130 ms, a mapper decoder 65 -> 54 ms. The heavy parts are traced: each
+Each traced part runs faster on the CPU (benchmarks/RESULTS.md, "Figures behind design choices").
+The heavy parts are traced: each
 backbone encoder of a classifier/regressor, the whole U-Net of the lung stage, each mapper's
 decoder; heads, GeM and a backbone's pre-logits head (`LazyFrozen` passes other attributes through to
 the eager module) stay eager. A trace is specialised to the shapes it sees, so the
@@ -70,20 +70,13 @@ class LazyFrozen(nn.Module):
 
 
 def optimize_for_inference(stage: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap the heavy eager parts of ``stage`` (already on ``device``, eval) in `LazyFrozen` (CPU only).
-
-    For inference only: the stage should not be trained or saved afterwards. A mapper's decoder is
-    traced; its encoder is its source stage's (in a pipeline run the features come from there).
+    """Wrap the heavy eager parts of ``stage`` (already on ``device``, eval; `Stage.inference_parts`) in
+    `LazyFrozen` (CPU only). For inference only: the stage should not be trained or saved afterwards.
     """
     if device.type != "cpu":
         return stage
-    if stage.kind == "mapper":
-        stage.decoder = LazyFrozen(stage.decoder, "mapper decoder")
-    elif stage.kind == "lungs":
-        stage.net = LazyFrozen(stage.net, "lungs U-Net")
-    else:
-        for member in stage.members:
-            member.encoder = LazyFrozen(member.encoder, f"{stage.kind} encoder {member.name}")
+    for owner, name, what in stage.inference_parts():
+        setattr(owner, name, LazyFrozen(getattr(owner, name), what))
     return stage.eval()
 
 

@@ -60,7 +60,8 @@ def clean_mask(prob_or_mask: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``mask`` with its holes filled: the background components (4-connected) that do not touch
-    the border; `scipy.ndimage.binary_fill_holes` exactly, at a third of its time (512 px: 0.9 ms)."""
+    the border; `scipy.ndimage.binary_fill_holes` exactly, in less time
+    (benchmarks/RESULTS.md, "Figures behind design choices")."""
     background, count = ndimage.label(~mask)
     hole = np.ones(count + 1, dtype=bool)
     hole[0] = False

@@ -13,14 +13,15 @@ implementation used by training and inference alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
+from torch import nn
 
 from pneumomap.stages import lung_geometry
-from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_size, register_stage
+from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_size, register_stage, size_text, timm_name
 from pneumomap.stages.encoders import load_encoder_weights, note_random_weights
 
 Box = tuple[int, int, int, int]
@@ -57,6 +58,7 @@ class Lungs(Stage):
     config_class: ClassVar[type[StageConfig]] = LungsConfig
     tiny: ClassVar[dict[str, Any]] = {"encoder": "tu-test_efficientnet", "input_size": [64, 64],
                                       "decoder_channels": [32, 16, 16, 8, 8], "crop_size": [64, 40]}
+    output: ClassVar[str] = "lungs"
 
     def __init__(self, config: LungsConfig) -> None:
         super().__init__(config)
@@ -75,7 +77,22 @@ class Lungs(Stage):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Lung probabilities (B, 1, h, w) in [0, 1]."""
-        return torch.sigmoid(self.net(x).float())
+        return self.activation(self.net(x))
+
+    def node_output(self, x: torch.Tensor, features: list[torch.Tensor] | None = None,
+                    params: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Lung probabilities (B, h, w) (``features`` and ``params``: none used)."""
+        return self.predict(x)[:, 0]
+
+    def inference_parts(self) -> list[tuple[nn.Module, str, str]]:
+        return [(self, "net", "lungs U-Net")]
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], inputs: list[str]) -> list[str]:
+        return [f"It is a U-Net whose encoder is the timm backbone {timm_name(str(config.get('encoder', '?')))}"
+                f" (decoder channels {config.get('decoder_channels', '?')}); the lung probability is thresholded "
+                f"at {config.get('threshold', '?')} and the mask is split into the patient's right and left lungs, "
+                f"whose crops are resized to {size_text(config.get('crop_size', '?'))} for the per-lung stages."]
 
     def splits(self, probs: torch.Tensor | np.ndarray) -> list[lung_geometry.LungSplit]:
         """One `LungSplit` per probability map of a (B, 1, h, w) or (B, h, w) batch (masks at the model size)."""

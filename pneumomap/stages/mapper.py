@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
-from pneumomap.stages.base import ConfigError, Stage, StageConfig, check_choice, check_size, register_stage
+from pneumomap.stages.base import (FROM_SOURCE, LUNG_HALF, ConfigError, Stage, StageConfig, check_choice, check_size,
+                                   register_stage, stage_class, timm_name)
 from pneumomap.stages.classifier import refuse_legacy_weights
 from pneumomap.stages.encoders import Backbone, weights_follow
 
@@ -50,7 +51,8 @@ SOURCES = ("classifier", "regressor")
 def encoder_sha256(encoder: nn.Module) -> str:
     """Content hash of an encoder's weights: sha256 over its state-dict tensors in state-dict order
     (dtype, shape and bytes of each; BatchNorm's ``num_batches_tracked`` counters left out, key names
-    too, so a renamed module with the same tensors hashes the same). EfficientNet-B4: 0.05 s on 2 CPU cores."""
+    too, so a renamed module with the same tensors hashes the same). Its cost:
+    benchmarks/RESULTS.md, "Figures behind design choices"."""
     digest = hashlib.sha256()
     for key, tensor in encoder.state_dict().items():
         if key.endswith("num_batches_tracked"):
@@ -89,10 +91,10 @@ class MapperConfig(StageConfig):
 
     def validate(self) -> None:
         check_choice("source", self.source, SOURCES)
-        if self.source == "regressor":
+        if stage_class(self.source).region == LUNG_HALF:
             check_choice("side", self.side, ("right", "left"))
         elif self.side is not None:
-            raise ConfigError(f"side: {self.side!r} given for source 'classifier' (whole image); leave it null")
+            raise ConfigError(f"side: {self.side!r} given for source {self.source!r} (whole image); leave it null")
         check_size("input_size", self.input_size)
         if self.source_encoder_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.source_encoder_sha256):
             raise ConfigError(f"source_encoder_sha256: {self.source_encoder_sha256!r} is not a sha256 hex digest")
@@ -106,6 +108,8 @@ class Mapper(Stage):
     config_class: ClassVar[type[StageConfig]] = MapperConfig
     tiny: ClassVar[dict[str, Any]] = {"encoder": "test_efficientnet", "input_size": [64, 64],
                                       "decoder_channels": [32, 16, 16, 8, 8]}
+    region: ClassVar[str] = FROM_SOURCE
+    output: ClassVar[str] = "map"
 
     def __init__(self, config: MapperConfig) -> None:
         super().__init__(config)
@@ -133,6 +137,20 @@ class Mapper(Stage):
         mapper = cls(MapperConfig.from_dict(config))
         mapper._share(stage)
         return mapper
+
+    @property
+    def input_region(self) -> str:
+        """The region of the source kind (``config.source``): a mapper takes its source's input."""
+        return stage_class(self.config.source).region
+
+    @property
+    def side(self) -> str | None:
+        return self.config.side
+
+    @property
+    def output_type(self) -> str:
+        """'lungmap' for a mapper on a lung half (a map of that half), 'map' for the whole image."""
+        return "lungmap" if self.on_lung_half else self.output
 
     def trained_encoder_sha256(self) -> str:
         """`encoder_sha256` of the encoder the decoder was trained on: the config's record or, for a
@@ -172,8 +190,8 @@ class Mapper(Stage):
         cfg = self.config
         if stage.kind != cfg.source:
             raise ValueError(f"mapper source is {cfg.source!r}, got a {stage.kind!r} stage")
-        if cfg.source == "regressor" and stage.config.side != cfg.side:
-            raise ValueError(f"mapper side is {cfg.side!r}, got the {stage.config.side!r} regressor")
+        if stage.side != cfg.side:
+            raise ValueError(f"mapper side is {cfg.side!r}, got the {stage.side!r} {stage.kind}")
         if stage.config.backbones[0] != cfg.encoder:
             raise ValueError(f"mapper decodes a {cfg.encoder!r} encoder, the {stage.kind} has {stage.config.backbones[0]!r}")
 
@@ -229,4 +247,26 @@ class Mapper(Stage):
         """Opacity probabilities (B, 1, h, w) in [0, 1]; ``features`` = the source's `encode(x)`, reused."""
         if features is None:
             features = self.encode(x)
-        return torch.sigmoid(self.decode(features, x.shape[-2:]).float())
+        return self.activation(self.decode(features, x.shape[-2:]))
+
+    def node_output(self, x: torch.Tensor, features: list[torch.Tensor] | None = None,
+                    params: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Opacity probabilities (B, h, w); ``x`` is the source's input, ``features`` its `encode(x)`."""
+        return self.predict(x, features)[:, 0]
+
+    def inference_parts(self) -> list[tuple[nn.Module, str, str]]:
+        """The decoder (the encoder is the source stage's: in a pipeline run the features come from there)."""
+        return [(self, "decoder", "mapper decoder")]
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any], inputs: list[str]) -> list[str]:
+        source = inputs[0] if inputs else "?"
+        return [f"It decodes an opacity map from the frozen encoder ({timm_name(str(config.get('encoder', '?')))}) "
+                f"of node '{source}', with a U-Net-style decoder (channels {config.get('decoder_channels', '?')}), "
+                "so the map is computed from the same features that produce that node's score."]
+
+    @classmethod
+    def explanation(cls) -> str:
+        return (" The maps are decoded from the encoders of the scoring networks themselves, which were frozen while "
+                "the decoders were trained, so the localisation comes from the same features as the score rather "
+                "than from a separate post-hoc method.")

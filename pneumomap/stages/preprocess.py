@@ -1,14 +1,13 @@
 """Resize and rescale radiographs for the models, and map outputs back: one implementation for
 training and inference alike.
 
-Measured on one CPU core, 1024x1024 float32 -> 512x512: skimage ``resize`` with Gaussian
-anti-aliasing ~17 ms; ``resize_local_mean`` (area averaging, anti-aliased by construction)
-~11 ms, so shrinking uses the latter; enlarging uses spline interpolation without smoothing.
-Shrinking by whole factors (RSNA's 1024 px to 512: the same area averages, to 1e-7) and
-enlarging masks by whole factors take strided sums and repeats instead: ~1 ms. Enlarging a 2-D
-float array linearly (order 1, both sides at least as large) uses torch's bilinear interpolation
-with skimage's mirrored edges (equal to skimage to 2e-7 at whole factors, 5e-5 otherwise):
-512 -> 1024 px 11.5 -> 0.9 ms, 512 -> 2000x2500 54 -> 3.3 ms.
+Shrinking uses skimage's ``resize_local_mean`` (area averaging, anti-aliased by construction;
+faster than ``resize`` with Gaussian anti-aliasing); enlarging uses spline interpolation without
+smoothing. Shrinking by whole factors (RSNA's 1024 px to 512: the same area averages, to 1e-7) and
+enlarging masks by whole factors take strided sums and repeats instead. Enlarging a 2-D float array
+linearly (order 1, both sides at least as large) uses torch's bilinear interpolation with skimage's
+mirrored edges (equal to skimage to 2e-7 at whole factors, 5e-5 otherwise). Each of these is the
+faster way; the timings: benchmarks/RESULTS.md, "Figures behind design choices".
 """
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ def rescale(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def percentiles(values: np.ndarray, q: tuple[float, ...]) -> list[float]:
     """``np.percentile(values, q)`` (linear method), exactly; for whole numbers in [0, 65535] (every
-    DICOM and PNG radiograph) from a histogram: 1024 px 6.3 -> 1.9 ms."""
+    DICOM and PNG radiograph) from a histogram, faster (benchmarks/RESULTS.md, "Figures behind design choices")."""
     values = np.asarray(values)
     flat = values.ravel()
     if flat.size == 0 or flat.dtype.kind not in "fui":

@@ -154,7 +154,7 @@ class _Prefetch(Iterator):
 
 def read_images(paths: Iterable[str | os.PathLike], n_jobs: int = 2) -> Iterator[Radiograph | UnreadableImageError]:
     """Read many images in worker processes, in input order; a failed image yields its error."""
-    return map_images(_identity, paths, n_jobs=n_jobs)
+    return map_images(identity, paths, n_jobs=n_jobs)
 
 
 def list_images(source: str | os.PathLike) -> list[Path]:
@@ -561,7 +561,8 @@ def _pillow_pixels(image: Any) -> tuple[np.ndarray, str, int, list[str]]:
 # ----------------------------------------------------------------------------- workers
 
 
-def _identity(item: T) -> T:
+def identity(item: T) -> T:
+    """``item`` unchanged: a picklable no-op for worker pools (`read_images`, a DataLoader's collate_fn)."""
     return item
 
 
@@ -581,11 +582,11 @@ def lower_priority() -> None:
     """Run this process at the lowest priority (nice 19): the CPU mostly when nothing else wants it.
 
     Why: torch's threads wait for each other at every operation, so one core taken by a decode
-    worker stalls them all. Measured on 2 cores (lung U-Net, 512 px, 2 torch threads, two workers
-    decoding without pause): 159 ms alone; 1424 ms against workers at normal priority, 250 ms at
-    nice 10, 180 ms at nice 19 (the workers still decode 8 images a second). Linux's SCHED_IDLE
-    measured 163 ms but starved the workers whenever they were needed (runnable, never run, on
-    an idle machine: a virtualised kernel), so it is not used.
+    worker stalls them all. At nice 19 a network beside busy decode workers runs nearly as fast
+    as alone, and the workers still decode; at normal priority many times slower
+    (benchmarks/RESULTS.md, "Figures behind design choices").
+    Linux's SCHED_IDLE starved the workers whenever they were needed (runnable, never run, on an
+    idle machine: a virtualised kernel), so it is not used.
     """
     with contextlib.suppress(OSError):
         os.nice(19 - os.nice(0))

@@ -8,9 +8,9 @@ cut by `pneumomap.stages.lungs.lung_half_inputs`). Same model code as the classi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
-from pneumomap.stages.base import StageConfig, check_choice, register_stage
+from pneumomap.stages.base import LUNG_HALF, StageConfig, check_choice, register_stage
 from pneumomap.stages.classifier import BackboneConfig, ScoreStage
 
 SIDES = ("right", "left")
@@ -35,7 +35,19 @@ class Regressor(ScoreStage):
     kind: ClassVar[str] = "regressor"
     config_class: ClassVar[type[StageConfig]] = RegressorConfig
     tiny: ClassVar[dict[str, Any]] = {"backbones": ["test_efficientnet"], "input_size": [64, 40]}
+    region: ClassVar[str] = LUNG_HALF
+    output: ClassVar[str] = "extent"
 
     @property
     def side(self) -> str:
         return self.config.side
+
+    def check_node_params(self, params: Mapping[str, Any]) -> None:
+        """``side``, when given, must be this checkpoint's side."""
+        if params.get("side", self.side) != self.side:
+            raise ValueError(f"params.side is {params['side']!r} but the checkpoint is the {self.side!r} regressor")
+
+    @classmethod
+    def describe_output(cls, config: Mapping[str, Any]) -> list[str]:
+        return [f"It regresses the fraction of the patient's {config.get('side', '?')} lung covered by opacity "
+                "from that lung's crop."]

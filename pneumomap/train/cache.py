@@ -232,10 +232,12 @@ class SampleCache:
     def _fill(self, keys, prepare: Preparer, todo, results: list, workers: int, desc: str) -> None:
         from tqdm import tqdm
 
+        from pneumomap.stages.reader import identity
+
         for column in self.columns:
             column.reserve()
         job = _Writing([(keys[i], rows) for i, rows, _ in todo], prepare, self.columns)
-        loader = DataLoader(job, batch_size=None, num_workers=min(workers, len(todo)), collate_fn=_identity)
+        loader = DataLoader(job, batch_size=None, num_workers=min(workers, len(todo)), collate_fn=identity)
         saved = time.monotonic()
         try:
             for (i, rows, stamps), failure in zip(todo, tqdm(loader, total=len(todo), desc=desc, unit="img",
@@ -292,7 +294,3 @@ class _Writing(Dataset):
         for column, row in zip(self.columns, rows):
             column.write(row, sample[column.field.key])
         return None
-
-
-def _identity(item: Any) -> Any:
-    return item

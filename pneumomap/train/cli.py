@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from pneumomap.train.recipes import STAGES, RecipeError, resolve, stage_spec
+from pneumomap.train.recipes import STAGES, RecipeError, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,18 +56,16 @@ def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: b
 
     from pneumomap.device import resolve_device
     from pneumomap.train import ddp
-    from pneumomap.train.datasets import cache_folder, rsna_datasets, rsna_lung_datasets
+    from pneumomap.train.datasets import cache_folder
     from pneumomap.train.loop import fit
     from pneumomap.train.tasks import make_task
 
-    spec = stage_spec(stage)
     torch_device = resolve_device(device)
     ddp.setup(torch_device)
     try:
         torch.manual_seed(recipe["seed"])
         task = make_task(stage, recipe)
-        datasets = rsna_lung_datasets if spec.kind == "lungs" else rsna_datasets
-        train_set, val_set = datasets(data, spec, recipe, task.input_size, cache_folder(recipe, out))
+        train_set, val_set = task.datasets(data, cache_folder(recipe, out))
         return fit(task, train_set, val_set, recipe, out, torch_device, resume)
     finally:
         ddp.teardown()

@@ -25,13 +25,14 @@ import torch
 from torch.utils.data import Dataset
 
 from pneumomap import labels as rsna
+from pneumomap.stages.base import LUNG_HALF, WHOLE_IMAGE
 from pneumomap.stages.lung_geometry import LungSplit, crop, split_lungs
 from pneumomap.stages.lungs import lung_half_inputs
 from pneumomap.stages.preprocess import resize, to_model_input
 from pneumomap.stages.reader import UnreadableImageError, read_image
 from pneumomap.train import augment
 from pneumomap.train.cache import Field, Rows, SampleCache, file_signature
-from pneumomap.train.recipes import StageSpec
+from pneumomap.train.recipes import StageSpec, target_of
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +174,17 @@ class RsnaPreparer(Preparer):
 
 
 class ClassifierPreparer(RsnaPreparer):
-    """The whole-image input and the RSNA Target (or the detailed class's index with three_class)."""
+    """The whole-image input and the RSNA Target (or, for a detailed target such as three_class, the index
+    of the detailed class)."""
 
     def fields(self) -> list[Field]:
         return [_image_field(self.size), Field("target", f"class-{self.target_kind}", (), "float32", ("labels",))]
 
     def __call__(self, pid: str) -> dict:
         pixels = read_image(self.image_path(pid)).pixels
-        target = rsna.CLASSES.index(self.data.cls[pid]) if self.target_kind == "three_class" else self.data.target[pid]
-        return {"image": to_model_input(pixels, self.size), "target": np.float32(target)}
+        target = target_of(self.target_kind)
+        label = rsna.CLASSES.index(self.data.cls[pid]) if target and target.detailed else self.data.target[pid]
+        return {"image": to_model_input(pixels, self.size), "target": np.float32(label)}
 
 
 class RegressorPreparer(RsnaPreparer):
@@ -231,12 +234,12 @@ class HalfMapperPreparer(RsnaPreparer):
         return side_crops(pixels, rsna.opacity_target(self.data.boxes[pid], lungs), split_lungs(lungs), self.size)
 
 
-# (stage kind, per lung) -> its preparation from an RSNA folder
-RSNA_PREPARERS: dict[tuple[str, bool], type[RsnaPreparer]] = {
-    ("classifier", False): ClassifierPreparer,
-    ("regressor", True): RegressorPreparer,
-    ("mapper", False): WholeMapperPreparer,
-    ("mapper", True): HalfMapperPreparer,
+# (stage kind, the input its network takes: `StageSpec.region`) -> its preparation from an RSNA folder
+RSNA_PREPARERS: dict[tuple[str, str], type[RsnaPreparer]] = {
+    ("classifier", WHOLE_IMAGE): ClassifierPreparer,
+    ("regressor", LUNG_HALF): RegressorPreparer,
+    ("mapper", WHOLE_IMAGE): WholeMapperPreparer,
+    ("mapper", LUNG_HALF): HalfMapperPreparer,
 }
 
 
@@ -350,7 +353,7 @@ def rsna_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size: Siz
 
     Stages that take lung masks need one (drawn or predicted) for every image of both splits."""
     data = rsna.load_rsna(data_dir)
-    preparer = RSNA_PREPARERS[spec.kind, spec.side is not None](data, size, recipe.get("target", "binary"))
+    preparer = RSNA_PREPARERS[spec.kind, spec.region](data, size, recipe.get("target", "binary"))
     train_ids, val_ids = _splits(data, recipe)
     masks = [None, None]
     if preparer.uses_mask:

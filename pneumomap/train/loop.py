@@ -63,21 +63,6 @@ def load_last(model: torch.nn.Module, out: Path) -> dict:
     return torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _check_resumed_encoder(model: torch.nn.Module, out: Path) -> None:
-    """A mapper resumed from OUT/last goes on with the encoder stored there: refuse when it is not the
-    encoder_from one, whose hash the mapper's config records (its checkpoints would say otherwise)."""
-    if getattr(model, "kind", None) != "mapper":
-        return
-    from pneumomap.stages.mapper import EncoderMismatchError
-    from pneumomap.train.recipes import RecipeError
-
-    try:
-        model.verify_stored_encoder()
-    except EncoderMismatchError as exc:
-        raise RecipeError(f"--resume: {out / 'last'} was trained on another encoder than encoder_from ({exc}); "
-                          "resume with the encoder_from of that run, or train afresh into another --out") from None
-
-
 # ---------------------------------------------------------------- helpers
 
 def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -184,7 +169,7 @@ def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict
     state = {"epoch": 0, "best": None, "best_epoch": None, "stale": 0, "history": []}
     if resume:
         saved = load_last(model, out)
-        _check_resumed_encoder(model, out)
+        task.check_resumed(out)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])

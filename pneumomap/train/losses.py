@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumomap.train.recipes import target_of
+
 
 class BinaryLoss(nn.Module):
     """BCE on logits (B,) with optional [w_negative, w_positive] weights; focal when gamma > 0."""
@@ -70,11 +72,12 @@ class Dice(nn.Module):
 def make_loss(recipe: dict) -> nn.Module:
     """The recipe's ``loss`` (+ ``class_weights``, ``focal_gamma``, ``target``) as a module."""
     name = recipe["loss"]
-    three_class = recipe.get("target") == "three_class"
+    target = target_of(recipe.get("target"))
+    multi_class = target is not None and target.detailed
     gamma = float(recipe.get("focal_gamma") or 0.0) if name == "focal" else 0.0
-    if name in ("bce", "focal") and not three_class:
+    if name in ("bce", "focal") and not multi_class:
         return BinaryLoss(recipe.get("class_weights"), gamma)
-    if name in ("ce", "focal") and three_class:
+    if name in ("ce", "focal") and multi_class:
         return MultiClassLoss(recipe.get("class_weights"), gamma)
     if name == "mse_mae":
         return MseMae()

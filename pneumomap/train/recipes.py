@@ -10,11 +10,12 @@ a loss that does not fit the target or the stage is an error.
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from pneumomap.suggest import did_you_mean
 
 RECIPE_DIR = Path(__file__).with_name("recipes")
 
@@ -27,6 +28,15 @@ class StageSpec:
     source: str | None = None  # mappers: the training stage whose encoder is borrowed
     metric: str = "dice"       # validation metric that picks DIR/best
     higher_is_better: bool = True
+
+    @property
+    def region(self) -> str:
+        """The input the stage's network takes, as its stage class declares it (`Stage.region`: the whole
+        image or one lung half, the spec's ``side``); a mapper takes the input of its ``source``."""
+        from pneumomap.stages.base import FROM_SOURCE, stage_class
+
+        region = stage_class(self.kind).region
+        return stage_spec(self.source).region if region == FROM_SOURCE else region
 
 
 STAGES: dict[str, StageSpec] = {
@@ -44,9 +54,7 @@ class RecipeError(ValueError):
     """A recipe file or override that cannot be used; the message says which key and how to fix it."""
 
 
-def _closest(key: str, choices) -> str:
-    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+_closest = did_you_mean  # " (did you mean 'X'?)" or ""
 
 
 def stage_spec(stage: str) -> StageSpec:
@@ -124,8 +132,9 @@ def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None =
     update = parse_set(overrides or [])
     _merge(resolved, update, "--set")
     given |= set(update)
-    if "loss" not in given and resolved.get("target") in DEFAULT_LOSS:
-        resolved["loss"] = DEFAULT_LOSS[resolved["target"]]  # the loss that fits the target
+    target = target_of(resolved.get("target"))
+    if "loss" not in given and target is not None:
+        resolved["loss"] = target.losses[0]  # the loss that fits the target
     validate(stage, resolved)
     return resolved
 
@@ -137,31 +146,37 @@ _CHOICES = {
     "cache": (True, False),
 }
 _POSITIVE = ("epochs", "batch_size", "accumulate")
-DEFAULT_LOSS = {"binary": "bce", "three_class": "ce"}  # the classifier's loss per target when not set
-_LOSSES = {"binary": ("bce", "focal"), "three_class": ("ce", "focal"),  # classifier, by target
-           "regressor": ("mse_mae",), "mapper": ("dice",), "lungs": ("dice",)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A classifier's training target (recipe key ``target``): what it learns and the losses that fit."""
+    losses: tuple[str, ...]   # the first is the loss taken when the recipe leaves ``loss`` unset
+    detailed: bool = False    # the detailed class (`pneumomap.labels.CLASSES`, one output each), not RSNA Target
+
+
+TARGETS: dict[str, Target] = {"binary": Target(("bce", "focal")), "three_class": Target(("ce", "focal"), detailed=True)}
+
+
+def target_of(name: str | None) -> Target | None:
+    """The classifier `Target` of a recipe's ``target`` value; None for none (or ``extent``, no classifier's)."""
+    return TARGETS.get(name)
 
 
 def model_config(stage: str, recipe: dict) -> dict:
-    """The stage config a recipe builds (``model`` plus what the stage and target imply): a regressor's
-    side, a three-class classifier's classes. Mappers: the overrides of `Mapper.from_source`."""
-    from pneumomap.labels import CLASSES
+    """The stage config a recipe builds (``model`` plus what the stage and target imply: a regressor's
+    side, a three-class classifier's classes; `pneumomap.train.tasks.Task.model_config` of its kind).
+    Mappers: the overrides of `Mapper.from_source`."""
+    from pneumomap.train.tasks import task_class
 
-    spec = stage_spec(stage)
-    config = dict(recipe["model"])
-    if spec.kind == "regressor":
-        config.setdefault("side", spec.side)
-    if spec.kind == "classifier" and recipe.get("target") == "three_class":
-        config.setdefault("n_classes", len(CLASSES))
-        config.setdefault("class_names", list(CLASSES))
-    return config
+    return task_class(stage_spec(stage).kind).model_config(stage, recipe)
 
 
-def _validate_model(stage: str, recipe: dict) -> None:
-    """``model.*``: known fields of the stage config (closest name suggested) with fitting values."""
+def check_model_keys(stage: str, recipe: dict) -> None:
+    """``model.*``: known fields of the stage config (closest name suggested)."""
     import dataclasses
 
-    from pneumomap.stages.base import ConfigError, make_config, stage_class
+    from pneumomap.stages.base import stage_class
 
     spec = stage_spec(stage)
     fields = [f.name for f in dataclasses.fields(stage_class(spec.kind).config_class)]
@@ -169,27 +184,6 @@ def _validate_model(stage: str, recipe: dict) -> None:
         if key not in fields:
             raise RecipeError(f"unknown recipe key 'model.{key}'{_closest(f'model.{key}', [f'model.{f}' for f in fields])}; "
                               f"the {spec.kind} config's keys: {', '.join(fields)}")
-    if spec.kind == "mapper":  # the rest comes from the encoder_from checkpoint (Mapper.from_source)
-        return
-    try:
-        make_config(spec.kind, model_config(stage, recipe), where="model")
-    except ConfigError as exc:
-        raise RecipeError(f"recipe key {exc}") from None
-
-
-def _validate_loss(stage: str, recipe: dict) -> None:
-    spec = stage_spec(stage)
-    fits = spec.kind if spec.kind != "classifier" else recipe.get("target", "binary")
-    if fits in _LOSSES and recipe["loss"] not in _LOSSES[fits]:
-        what = f"target {fits!r}" if spec.kind == "classifier" else f"stage {stage}"
-        raise RecipeError(f"recipe key 'loss': {recipe['loss']!r} does not fit {what}; use {' | '.join(_LOSSES[fits])}"
-                          + (" (or leave loss unset)" if fits in DEFAULT_LOSS else ""))
-    weights = recipe.get("class_weights")
-    if spec.kind == "classifier" and weights is not None:
-        n = 2 if fits == "binary" else int(model_config(stage, recipe)["n_classes"])
-        if not isinstance(weights, list) or len(weights) != n:
-            raise RecipeError(f"recipe key 'class_weights': {weights!r}; target {fits!r} takes a list of {n} "
-                              + ("[w_negative, w_positive]" if n == 2 else "weights, one per class"))
 
 
 def validate(stage: str, recipe: dict) -> None:
@@ -205,11 +199,9 @@ def validate(stage: str, recipe: dict) -> None:
             raise RecipeError(f"recipe key '{key}': expected a number >= 0, got {recipe[key]!r}")
     if not isinstance(recipe["model"], dict):
         raise RecipeError(f"recipe key 'model': expected a mapping of stage config keys, got {recipe['model']!r}")
-    spec = stage_spec(stage)
-    if spec.kind == "mapper" and not recipe.get("encoder_from"):
-        raise RecipeError(f"stage {stage}: set the borrowed encoder, e.g. --set encoder_from=runs/{spec.source}/best")
-    _validate_model(stage, recipe)
-    _validate_loss(stage, recipe)
+    from pneumomap.train.tasks import task_class
+
+    task_class(stage_spec(stage).kind).check_recipe(stage, recipe)  # model keys and values, loss: per kind
 
 
 def dump(recipe: dict) -> str:

@@ -16,24 +16,28 @@ need the lungs: --lungs DIR (a lungs checkpoint) or --fixed-crops (the fixed lun
 crops: rows 15-90 %, columns 20-80 %, split at the middle). The patient's right lung is on
 the image's LEFT. Unreadable images are listed in OUT/failures.csv and make the exit status 1.
 A mapper runs on the encoder stored in its checkpoint, the one its decoder was trained on (checked
-against the hash its training recorded).
+against the hash its training recorded). The images run through the engine of `pneumomap infer`:
+the same decoding ahead, model inputs and network calls (device, precision, images per call).
 
 Example:  pneumomap stage classifier --checkpoint runs/classifier/best --input images/ --out out/
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import torch
 
-from pneumomap.device import for_inference, images_to_device
+from pneumomap.infer.engine import ImageState, Tally, run_images
+from pneumomap.infer.inputs import decode_ahead, list_items
+from pneumomap.infer.models import Executor
 
 KINDS = ("lungs", "classifier", "regressor", "mapper", "gradcam", "gradcam++")
 
@@ -47,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images per network call on CUDA (default: 8); the CPU takes one at a time")
-    from pneumomap.cli import add_quiet_argument, add_workers_argument
+    from pneumomap.cli import add_precision_argument, add_quiet_argument, add_workers_argument
     from pneumomap.overrides import add_set_argument
 
     add_workers_argument(parser, None, "image-decoding worker processes (default: 4 beside a GPU, 0 on the CPU)")
@@ -55,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser, "a key of the checkpoint's config.yaml config, e.g. flip_tta=true (not one that "
                      "changes the network)")
     parser.add_argument("--npy", action="store_true", help="also write the float maps as .npy (model input size)")
-    from pneumomap.infer.cli import add_precision_argument
-
     add_precision_argument(parser)
     lungs = parser.add_mutually_exclusive_group()
     lungs.add_argument("--lungs", type=Path, help="lungs checkpoint, for the stages that run on lung halves")
@@ -75,24 +77,26 @@ def main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pneumomap.device import autocast, decode_workers, forward_batch, inference_precision, resolve_device
-    from pneumomap.stages.base import load_stage
+    from pneumomap import provenance
+    from pneumomap.device import cpu_streams, decode_workers, for_inference, inference_precision, resolve_device
+    from pneumomap.fileio import atomic_write_text
+    from pneumomap.stages.base import FROM_SOURCE, load_stage
     from pneumomap.stages.inference import optimize_for_inference
-    from pneumomap.stages.reader import UnreadableImageError, list_images, read_images
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     device = resolve_device(args.device)
     precision = inference_precision(device, args.precision)  # refused before any image
     stage = load_stage(args.checkpoint, map_location="cpu", overrides=args.overrides)
-    expected = "classifier" if args.kind.startswith("gradcam") else args.kind
+    gradcam = args.kind.startswith("gradcam")
+    expected = "classifier" if gradcam else args.kind
     if stage.kind != expected:
-        raise ValueError(f"{args.checkpoint} holds a {stage.kind!r} stage; '{args.kind}' needs a {expected!r} checkpoint")
-    if stage.kind == "mapper":
+        raise ValueError(f"{args.checkpoint} holds a {stage.kind!r} stage; '{args.kind}' needs a {expected!r} "
+                         "checkpoint")
+    if stage.region == FROM_SOURCE:
         _check_mapper_encoder(stage, args.checkpoint)
-    on_halves = stage.kind == "regressor" or (stage.kind == "mapper" and stage.config.source == "regressor")
     lungs = None
-    if on_halves:
+    if stage.on_lung_half:
         if args.lungs is None and not args.fixed_crops:
             raise ValueError(f"a {stage.kind} on lung halves needs --lungs DIR (a lungs checkpoint) or --fixed-crops")
         if args.lungs is not None:
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.lungs is not None or args.fixed_crops:
         raise ValueError(f"--lungs/--fixed-crops apply to stages on lung halves, not to '{args.kind}'")
     model = for_inference(stage, device)
-    if args.kind.startswith("gradcam"):
+    if gradcam:
         from pneumomap.stages.gradcam import GradCAM
 
         model = GradCAM(model, method=args.kind)  # needs the eager network (gradients, hooks)
@@ -111,27 +115,25 @@ def run(args: argparse.Namespace) -> int:
     if lungs is not None:
         lungs = optimize_for_inference(lungs, device)
 
-    paths = list_images(args.input)
-    writer = _Writer(args.kind, stage, args.out, args.npy)
-    with tqdm(total=len(paths), desc=f"stage {args.kind}", unit="img", disable=args.quiet) as bar:
-        for batch in _batches(read_images(paths, n_jobs=decode_workers(device, args.workers)),
-                              forward_batch(device, args.batch_size)):
-            images = [item for item in batch if not isinstance(item, UnreadableImageError)]
-            for failure in (item for item in batch if isinstance(item, UnreadableImageError)):
-                writer.failure(failure)
-            if images:
-                with autocast(device, precision=precision):
-                    _run_batch(model, stage, images, writer, device, lungs, on_halves)
-            bar.update(len(batch))
-    writer.close()
-    from pneumomap import provenance
-    from pneumomap.fileio import atomic_write_text
+    items = list_items(args.input)
+    files = StageFiles(args.kind, stage, args.out, args.npy)
+    executor = Executor(device, precision, args.batch_size, gradients=gradcam)
+    job = StageJob(model, stage, lungs, executor, files)
+    sizes = tuple(sorted({tuple(m.input_size) for m in (stage, lungs) if m is not None and not m.on_lung_half}))
+    workers = decode_workers(device, args.workers)
+    decoded = decode_ahead([i.path for i in items], sizes, workers, ahead=2 * args.batch_size + workers)
+    records: dict[int, Any] = {}
+    bar = tqdm(total=len(items), desc=f"stage {args.kind}", unit="img", disable=args.quiet)
+    with contextlib.closing(bar), contextlib.closing(decoded):
+        run_images(job, items, decoded, {i.index for i in items}, records, bar, Tally(), args.batch_size,
+                   cpu_streams(device, precision))
+    failures = files.close([records[i.index] for i in items])
 
     record = provenance.build(checkpoints={args.kind: args.checkpoint, **({"lungs": args.lungs} if lungs else {})},
                               device=device, precision=precision, overrides=args.overrides)
     atomic_write_text(args.out / "provenance.json", json.dumps(record, indent=2) + "\n")
-    if writer.failures:
-        print(f"pneumomap stage: {len(writer.failures)} of {len(paths)} image(s) unreadable, "
+    if failures:
+        print(f"pneumomap stage: {failures} of {len(items)} image(s) unreadable, "
               f"listed in {args.out / 'failures.csv'}", file=sys.stderr)
         return 1
     return 0
@@ -150,76 +152,98 @@ def _check_mapper_encoder(stage: Any, checkpoint: Path) -> None:
                          "--set encoder_from=...`)") from None
 
 
-def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+class StageJob:
+    """One stage over a chunk of images (`engine.Job`): its network's `predict` on each readable image's
+    input (the whole image, or the lung-half crop by the ``lungs`` model's split or, without one, the
+    fixed crops), written per image by `StageFiles`. An image's values: ``input`` (the network's input),
+    ``output`` (its `predict`) and, on a lung half, ``split`` and ``box`` (the crop's, in the image's pixels)."""
 
+    def __init__(self, model: Any, stage: Any, lungs: Any, executor: Executor, files: StageFiles) -> None:
+        self.model, self.stage, self.lungs, self.executor, self.files = model, stage, lungs, executor, files
 
-def _run_batch(model: Any, stage: Any, images: list[Any], writer: "_Writer", device: torch.device,
-               lungs: Any, on_halves: bool) -> None:
-    from pneumomap.stages.lung_geometry import fixed_split
-    from pneumomap.stages.lungs import lung_half_inputs
-    from pneumomap.stages.preprocess import to_model_input
+    def accept(self, st: ImageState, image: Any, ready: dict) -> None:
+        st.accept(image, ready)
 
-    if stage.kind == "lungs":
-        probs = model.predict(images_to_device([to_model_input(r.pixels, stage.input_size) for r in images], device))
-        for image, prob, split in zip(images, probs[:, 0].float().cpu().numpy(), model.splits(probs)):
-            writer.lungs(image, prob, split)
-        return
-    boxes: list[Any] = [None] * len(images)
-    fallback: list[Any] = [None] * len(images)
-    if on_halves:
-        if lungs is not None:
-            probs = lungs.predict(images_to_device([to_model_input(r.pixels, lungs.input_size) for r in images], device))
-            splits = lungs.splits(probs)
+    def process(self, states: list[ImageState]) -> None:
+        live = [st for st in states if st.failure is None]
+        if not live:
+            return
+        stage = self.stage
+        if stage.on_lung_half:
+            name, splits = self.splits(live)
+            for st, split in zip(live, splits):
+                st.values["split"] = split
+                st.values["input"], st.values["box"] = st.inputs.half(split, name, stage.side, stage.input_size)
         else:
-            splits = [fixed_split(r.pixels.shape) for r in images]
-        side = stage.config.side
-        halves = [lung_half_inputs(r.pixels, s, stage.input_size)[side] for r, s in zip(images, splits)]
-        inputs = [h[0] for h in halves]
-        boxes = [h[1] for h in halves]
-        fallback = [s.fallback for s in splits]
-    else:
-        inputs = [to_model_input(r.pixels, stage.input_size) for r in images]
-    outputs = model.predict(images_to_device(inputs, device)).float().cpu().numpy()
-    for image, output, box, fb in zip(images, outputs, boxes, fallback):
-        if outputs.ndim == 4:
-            writer.map(image, output[0], box)
-        else:
-            writer.scores(image, output, box, fb)
+            for st in live:
+                st.values["input"] = st.inputs.whole(stage.input_size)
+        outputs, _ = self.executor(lambda x, _features: (self.model.predict(x), None),
+                                   [st.values["input"] for st in live])
+        for st, output in zip(live, outputs):
+            st.values["output"] = output
+
+    def splits(self, states: list[ImageState]) -> tuple[str, list[Any]]:
+        """(a name, the lung split of each image): the lungs model's, else the fixed crops."""
+        from pneumomap.stages.lung_geometry import fixed_split
+
+        if self.lungs is None:
+            return "fixed", [fixed_split(st.inputs.radiograph.pixels.shape) for st in states]
+        probs, _ = self.executor(lambda x, _features: (self.lungs.predict(x), None),
+                                 [st.inputs.whole(self.lungs.input_size) for st in states])
+        return "lungs", self.lungs.splits(np.stack(probs))
+
+    def finish(self, st: ImageState) -> StageResult:
+        return self.files.write(st)
+
+
+@dataclass
+class StageResult:
+    """What one image adds to the tables: its row of the stage's CSV (none for a map) or of failures.csv."""
+
+    row: list | None = None
+    failure: list | None = None
 
 
 def _box_text(box: Any) -> str:
     return "" if box is None else " ".join(str(int(v)) for v in box)
 
 
-class _Writer:
-    """Per-image files as they come; the CSVs atomically at the end."""
+class StageFiles:
+    """Per-image files as they come (masks, maps); the CSVs atomically at the end (`close`). What an image
+    gives follows from the stage's output type: a lung split, a map, or scores."""
 
     def __init__(self, kind: str, stage: Any, out: Path, npy: bool) -> None:
         self.kind, self.stage, self.out, self.npy = kind, stage, Path(out), npy
-        self.rows: list[list[Any]] = []
-        self.failures: list[list[str]] = []
+        if kind.startswith("gradcam") or stage.output_type in ("map", "lungmap"):
+            self.gives = "map"
+        else:
+            self.gives = "lungs" if stage.output_type == "lungs" else "scores"
         self.out.mkdir(parents=True, exist_ok=True)
-        if stage.kind == "lungs":
+        if self.gives == "lungs":
             self.header = ["image_id", "fallback", "right_box", "left_box"]
-        elif stage.kind == "regressor":
-            self.header = ["image_id", f"{stage.config.side}_extent", "fallback", "box"]
-        elif stage.kind == "classifier" and kind == "classifier":
+        elif self.gives == "scores" and stage.on_lung_half:
+            self.header = ["image_id", f"{stage.side}_extent", "fallback", "box"]
+        elif self.gives == "scores":
             names = stage.config.class_names or [str(i) for i in range(stage.config.n_classes)]
             self.header = ["image_id", "probability"] if stage.config.n_classes == 1 else \
                 ["image_id", *(f"p_{n}" for n in names)]
         else:
             self.header = []
 
-    def failure(self, error: Any) -> None:
-        self.failures.append([Path(error.path).stem, error.path, error.reason])
+    def write(self, st: ImageState) -> StageResult:
+        """Write the image's files; its rows."""
+        if st.failure is not None:
+            return StageResult(failure=[st.item.image_id, st.item.path, st.failure])
+        output = st.values["output"]
+        if self.gives == "lungs":
+            return StageResult(row=self.lungs(st, output[0]))
+        if self.gives == "map":
+            self.map(st, output[0], st.values.get("box"))
+            return StageResult()
+        values = [f"{float(v):.6f}" for v in np.atleast_1d(output)]
+        if self.stage.on_lung_half:
+            values += [int(st.values["split"].fallback), _box_text(st.values["box"])]
+        return StageResult(row=[st.item.image_id, *values])
 
     def _png(self, folder: str, image_id: str, values: np.ndarray, raw: np.ndarray) -> None:
         from pneumomap.fileio import atomic_write_bytes, write_png
@@ -230,41 +254,34 @@ class _Writer:
             np.save(buffer, raw.astype(np.float32))
             atomic_write_bytes(self.out / folder / f"{image_id}.npy", buffer.getvalue())
 
-    def lungs(self, image: Any, prob: np.ndarray, split: Any) -> None:
+    def lungs(self, st: ImageState, prob: np.ndarray) -> list:
         from pneumomap.stages.lung_geometry import scale_box
         from pneumomap.stages.preprocess import resize
 
-        meta = image.meta
-        shape = (meta.height, meta.width)
+        split = self.stage.splits(prob[None])[0]
+        shape = (st.size.height, st.size.width)
         mask = resize(split.mask, shape, order=0)
-        self._png("masks", meta.image_id, mask.astype(np.float32), prob)
-        self.rows.append([meta.image_id, int(split.fallback),
-                          _box_text(scale_box(split.right_box, split.mask.shape, shape)),
-                          _box_text(scale_box(split.left_box, split.mask.shape, shape))])
+        self._png("masks", st.item.image_id, mask.astype(np.float32), prob)
+        return [st.item.image_id, int(split.fallback), _box_text(scale_box(split.right_box, split.mask.shape, shape)),
+                _box_text(scale_box(split.left_box, split.mask.shape, shape))]
 
-    def map(self, image: Any, prob: np.ndarray, box: Any) -> None:
+    def map(self, st: ImageState, prob: np.ndarray, box: Any) -> None:
         from pneumomap.stages.lungs import paste_half
         from pneumomap.stages.preprocess import to_original
 
-        meta = image.meta
-        if box is None:
-            full = to_original(prob, meta.height, meta.width)
-        else:
-            full = paste_half(prob, box, (meta.height, meta.width))
-        self._png("maps", meta.image_id, full, prob)
+        shape = (st.size.height, st.size.width)
+        full = to_original(prob, *shape) if box is None else paste_half(prob, box, shape)
+        self._png("maps", st.item.image_id, full, prob)
 
-    def scores(self, image: Any, output: np.ndarray, box: Any, fallback: Any) -> None:
-        values = [f"{float(v):.6f}" for v in np.atleast_1d(output)]
-        row = [image.meta.image_id, *values]
-        if self.stage.kind == "regressor":
-            row += [int(fallback), _box_text(box)]
-        self.rows.append(row)
-
-    def close(self) -> None:
+    def close(self, results: list[StageResult]) -> int:
+        """Write the CSVs from the images' results (input order); the number of failed images."""
         from pneumomap.fileio import atomic_open
 
+        rows = [r.row for r in results if r.row is not None]
+        failures = [r.failure for r in results if r.failure is not None]
         if self.header:
             with atomic_open(self.out / f"{self.stage.kind}.csv", "w", newline="") as handle:
-                csv.writer(handle).writerows([self.header, *self.rows])
+                csv.writer(handle).writerows([self.header, *rows])
         with atomic_open(self.out / "failures.csv", "w", newline="") as handle:
-            csv.writer(handle).writerows([["image_id", "path", "reason"], *self.failures])
+            csv.writer(handle).writerows([["image_id", "path", "reason"], *failures])
+        return len(failures)

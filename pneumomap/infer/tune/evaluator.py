@@ -7,7 +7,7 @@ PNGs. What keeps it fast and its memory bounded at RSNA's size (5,000 validation
 - **Image-major sweeps.** A sweep walks the images once and, for each, every candidate. Model maps stay on
   disk (`runner.load_outputs(lazy=True)`) and are read only when a candidate needs a map not known yet,
   into a small LRU; the reference codes likewise.
-- **Memos by key.** Every op value is known by a key: its name, the parameters it reads
+- **Memos by key.** Every op value is known by a key (`keys`): its name, the parameters it reads
   (`ops.NodeDef.used_params`) and its inputs' keys. Scalars (gate, choice, level) are computed eagerly, so
   a candidate that changes nothing for an image costs a dictionary look-up; a map that the gate left out
   stays None whatever the parameters (`ops.NodeDef.gives_none`), so a negative image's final map has one
@@ -20,15 +20,13 @@ PNGs. What keeps it fast and its memory bounded at RSNA's size (5,000 validation
   number, for 1,500 additions instead of two passes over a million pixels. Summaries (6 kB) and contexts
   (packed bits) are kept in their own caches; maps at the original size are not kept at all, so a later
   sweep finds an image's summaries and working-frame maps instead of recomputing its truth and its maps.
-- **Images in parallel.** `ParallelEvaluator` forks worker processes that each own every k-th image and its
-  memos for the whole search; the parent sends candidates and gathers per-image losses chunk by chunk.
+- **Images in parallel.** `parallel.ParallelEvaluator` forks worker processes that each own every k-th
+  image and its memos for the whole search; the parent sends candidates and gathers per-image losses chunk
+  by chunk.
 """
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -39,20 +37,16 @@ from pneumomap import metrics
 from pneumomap.infer.ops import OPS
 from pneumomap.infer.runner import Deferred, evaluate_op
 from pneumomap.infer.spec import IMAGE, Node, Pipeline
+from pneumomap.infer.tune.keys import Known, KeyTable, ModelOutput
 
 SCALAR_TYPES = ("bool", "choice", "level", "probability", "extent")
 DEFAULT_BUDGET = 1 << 30  # bytes of memoised maps and loaded model outputs, all workers together
-NONE = ("=", None)  # the key of a value known to be None (a gated-out map)
 # maps at the original image size are not kept: each is one candidate's own, and what the search reads
 # again of it is its summary (`summaries`); keeping them would push out the working-frame maps they grow from
 ORIGINAL_SIZE_TYPES = ("fullmap", "map8")
 CHUNK = 16  # images per message between the parent and a worker (the progress bar's step)
 
 Progress = Callable[[int], None]  # called with a number of images just evaluated (for every candidate)
-
-
-class EvaluationError(RuntimeError):
-    """A worker failed while evaluating; the message holds its traceback."""
 
 
 class LRU:
@@ -167,9 +161,8 @@ class _Plan:
 class Evaluator(BaseEvaluator):
     """One process's evaluation of ``stored`` (`runner.load_outputs`, maps may be `runner.Deferred`).
 
-    Keys are small integers (`key_id`) standing for ``('=', value)`` (a known scalar: gate, choice, level,
-    or None for a gated-out map), ``('model', name)`` (a stored model output), ``(IMAGE,)``, or
-    ``(name, params read, input key ids...)`` for an op: flat tuples, so hashing one is cheap.
+    Values are memoised by key id (`keys.KeyTable`: `keys.Known`, `keys.ModelOutput`, `keys.ImageKey`,
+    `keys.OpKey`), so hashing one is cheap.
     """
 
     def __init__(self, pipeline: Pipeline, stored: list[dict], truth: Callable[[int], np.ndarray],
@@ -183,21 +176,11 @@ class Evaluator(BaseEvaluator):
         self.codes = LRU(budget // 16)  # image -> reference codes
         self.contexts = LRU(budget * 3 // 16)  # (image, ...) -> the final op's per-image context (`ops.clip_context`)
         self.summaries = LRU(budget // 8)  # (image, input key ids) -> the final op's summary (a few kB)
-        self.ids: dict[tuple, int] = {}
-        self.meaning: list[tuple] = []
-        self.none_id, self.image_id = self.key_id(NONE), self.key_id((IMAGE,))
+        self.table = KeyTable()
 
     @property
     def n_images(self) -> int:
         return len(self.stored)
-
-    def key_id(self, key: tuple) -> int:
-        """The integer standing for ``key`` (the same key, the same integer)."""
-        found = self.ids.get(key)
-        if found is None:
-            found = self.ids[key] = len(self.meaning)
-            self.meaning.append(key)
-        return found
 
     def losses_of(self, candidates, indices=None, progress=None) -> np.ndarray:
         plans = [_Plan(self.pipeline.with_thresholds(t)) for t in candidates]
@@ -258,37 +241,39 @@ class Evaluator(BaseEvaluator):
 
     def keys(self, plan: _Plan, i: int) -> dict[str, int]:
         """Node name -> key id for image ``i`` (scalar ops computed on the way)."""
-        memo, meaning = self.memo[i], self.meaning
-        keys: dict[str, int] = {IMAGE: self.image_id}
+        memo, table = self.memo[i], self.table
+        meaning = table.meaning
+        keys: dict[str, int] = {IMAGE: table.image}
         for step in plan.steps:
             name = step.node.name
             if step.is_model:
-                gated = step.gate is not None and not meaning[keys[step.gate]][1]
-                keys[name] = self.none_id if gated else self.key_id(("model", name))
+                gated = step.gate is not None and not meaning[keys[step.gate]].value  # a gate's key is Known
+                keys[name] = table.none if gated else table.model(name)
                 continue
             inputs = tuple(keys[s] for s in step.inputs)
-            known = [meaning[k][1] if meaning[k][0] == "=" else k for k in inputs]  # scalar values, else key ids
+            known = [m.value if type(m := meaning[k]) is Known else k for k in inputs]  # scalar values, else key ids
             definition = step.definition
             if definition.none_if_all_none and definition.gives_none(known):
-                keys[name] = self.none_id
+                keys[name] = table.none
                 continue
             own = step.params if definition.selected_by is None else definition.used_params(step.params, known)
-            key = self.key_id((name, own) + inputs)
+            key = table.op(name, own, inputs)
             if step.scalar:
                 if key not in memo:
                     memo[key] = evaluate_op(step.node, {s: self.value(plan, i, keys, s) for s in step.inputs})
-                key = self.key_id(("=", memo[key]))
+                key = table.known(memo[key])
             keys[name] = key
         return keys
 
     def value(self, plan: _Plan, i: int, keys: dict[str, int], name: str) -> Any:
         key = keys[name]
-        meaning = self.meaning[key]
-        if meaning[0] == "=":
-            return meaning[1]
-        if key == self.image_id:
+        meaning = self.table.meaning[key]
+        kind = type(meaning)
+        if kind is Known:
+            return meaning.value
+        if key == self.table.image:
             return self.stored[i][IMAGE]
-        if meaning[0] == "model":
+        if kind is ModelOutput:
             return self._model_value(i, name)
         hit = self.arrays.get((i, key))
         if hit is not None:
@@ -308,117 +293,3 @@ class Evaluator(BaseEvaluator):
             hit = value.load()
             self.loaded.put((i, name), hit)
         return hit
-
-
-# ----------------------------------------------------------------------------- images in parallel
-
-
-def default_workers() -> int:
-    """The search's processes: the CPUs this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _serve(connection: Any, evaluator: Evaluator) -> None:
-    """A worker's loop: (candidates, image indices) in, per-image losses out, until None."""
-    import torch
-
-    torch.set_num_threads(1)  # one process per CPU: torch's own threads would only fight over them (resize)
-    while True:
-        message = connection.recv()
-        if message is None:
-            return
-        candidates, indices = message
-        try:
-            connection.send(("ok", evaluator.losses_of(candidates, indices)))
-        except BaseException:  # the parent raises it with the worker's traceback
-            connection.send(("error", traceback.format_exc()))
-
-
-class ParallelEvaluator(BaseEvaluator):
-    """`Evaluator` over forked worker processes; worker w owns images w, w + k, w + 2k, ... and their memos.
-
-    Needs the 'fork' start method (the workers inherit the stored outputs, truth and pipeline without
-    pickling); where it is missing, or for one worker, use `Evaluator` itself (`make_evaluator` decides).
-    """
-
-    def __init__(self, evaluator: Evaluator, workers: int):
-        context = multiprocessing.get_context("fork")
-        self.pipeline, self.n = evaluator.pipeline, evaluator.n_images
-        self.owner = np.arange(self.n) % workers
-        evaluator.arrays.budget //= workers
-        evaluator.loaded.budget //= workers
-        evaluator.codes.budget //= workers
-        evaluator.contexts.budget //= workers
-        evaluator.summaries.budget //= workers
-        self.connections, self.processes = [], []
-        for _ in range(workers):
-            parent, child = context.Pipe()
-            process = context.Process(target=_serve, args=(child, evaluator), daemon=True)
-            process.start()
-            child.close()
-            self.connections.append(parent)
-            self.processes.append(process)
-
-    @property
-    def n_images(self) -> int:
-        return self.n
-
-    def losses_of(self, candidates, indices=None, progress=None) -> np.ndarray:
-        from multiprocessing.connection import wait
-
-        chosen = np.arange(self.n) if indices is None else np.asarray(list(indices), dtype=np.intp)
-        out = np.empty((len(candidates), len(chosen)))
-        queues = []  # per worker: the chunks (positions in `chosen`) still to send
-        for worker in range(len(self.processes)):
-            positions = np.flatnonzero(self.owner[chosen] == worker)
-            queues.append([positions[j:j + CHUNK] for j in range(0, len(positions), CHUNK)])
-        in_flight: dict[Any, np.ndarray] = {}
-        for worker, connection in enumerate(self.connections):
-            self._send_next(connection, queues[worker], chosen, candidates, in_flight)
-        while in_flight:
-            for connection in wait(list(in_flight)):
-                status, payload = connection.recv()
-                positions = in_flight.pop(connection)
-                if status != "ok":
-                    self.close()
-                    raise EvaluationError(f"a tune worker failed:\n{payload}")
-                out[:, positions] = payload
-                if progress is not None:
-                    progress(len(positions))
-                self._send_next(connection, queues[self.connections.index(connection)], chosen, candidates,
-                                in_flight)
-        return out
-
-    @staticmethod
-    def _send_next(connection: Any, queue: list, chosen: np.ndarray, candidates: Sequence[dict],
-                   in_flight: dict) -> None:
-        if queue:
-            positions = queue.pop(0)
-            connection.send((list(candidates), chosen[positions].tolist()))
-            in_flight[connection] = positions
-
-    def close(self) -> None:
-        for connection in self.connections:
-            try:
-                connection.send(None)
-                connection.close()
-            except (OSError, ValueError):
-                pass
-        for process in self.processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-        self.connections, self.processes = [], []
-
-
-def make_evaluator(evaluator: Evaluator, workers: int | None = None) -> BaseEvaluator:
-    """``evaluator`` over ``workers`` processes (default: the CPUs), or itself for one worker, few
-    images, or no 'fork' start method."""
-    workers = default_workers() if workers is None else int(workers)
-    workers = min(workers, max(1, evaluator.n_images // CHUNK))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return evaluator
-    return ParallelEvaluator(evaluator, workers)
