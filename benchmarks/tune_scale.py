@@ -11,15 +11,14 @@ folds). Each measurement runs in its own process, its CPU time (user + system, w
 beside its wall time, since other work on the machine stretches the wall time; its memory is sampled every 0.2 s as the sum of the
 proportional set sizes (PSS) of the process and its workers, and the peak RSS of the parent.
 
-The baseline is ``pneumomap/infer/tune.py`` at git commit ``--baseline`` (the tuner before the rewrite),
-imported from ``git show`` into a temporary module; both tune the same stored outputs with the same grids,
+The baseline is ``pneumomap`` at git commit ``--baseline`` (the tuner before the rewrite, with the
+modules it used then), extracted by ``git archive`` into a temporary folder; both tune the same stored outputs with the same grids,
 and their tuned thresholds and metrics are compared. Prints a table, the per-image slope, and writes
 ``--out`` (JSON).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -81,26 +80,28 @@ def measure(variant: str, n: int, args: argparse.Namespace) -> dict:
     return result
 
 
-def _baseline_module(commit: str):
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:pneumomap/infer/tune.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "tune_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("tune_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tune_baseline"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def _baseline_root(commit: str) -> Path:
+    """The whole source tree at ``commit`` (a git archive, made once): the baseline tuner with the modules
+    it imported then, so that moving today's modules never breaks the comparison."""
+    root = Path(tempfile.gettempdir()) / f"pneumomap-baseline-{commit}"
+    if not (root / "pneumomap").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "pneumomap"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
 
 
 def child(args: argparse.Namespace) -> None:
     """Tune the first ``--n-child`` val images from the stored outputs; print one JSON line."""
     import resource
 
-    from pneumomap.infer import tune
-
     variant, n = args.child, args.n_child
-    module = _baseline_module(args.baseline) if variant == "old" else tune
+    if variant == "old":  # the baseline's own package tree first on the path
+        sys.path.insert(0, str(_baseline_root(args.baseline)))
+    from pneumomap.infer import tune as module
+
+    assert (variant == "old") == (str(_baseline_root(args.baseline)) in module.__file__), module.__file__
     folds = 5 if variant == "new+folds" else 0
     data = Path(tempfile.mkdtemp()) / "subset"
     _subset(args.data, data, n)
