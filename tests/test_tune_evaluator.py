@@ -67,6 +67,35 @@ def _candidates(pipeline, n: int, seed: int) -> list[dict]:
     return blocks
 
 
+def test_summaries_skip_the_mask_of_the_same_lungs_only(setup, monkeypatch):
+    import dataclasses
+
+    calls = []
+    mask = ops.OPS["mask"]
+    monkeypatch.setitem(ops.OPS, "mask", dataclasses.replace(mask, fn=lambda *a, **k: calls.append(1) or mask.fn(*a, **k)))
+    metric = metrics.map_metric("midrc")
+    blocks = _candidates(setup["pipeline"], 6, seed=9)
+    expected = Plain(setup["pipeline"], setup["eager"], setup["codes"], metric).losses_of(blocks)
+    assert calls  # the definition masks
+    calls.clear()
+    fast = ev.Evaluator(setup["pipeline"], setup["lazy"], lambda i: setup["codes"][i], metric)
+    assert np.array_equal(fast.losses_of(blocks), expected) and not calls  # the same losses, no mask computed
+    plan = ev._Plan(setup["pipeline"])
+    final = plan.final
+    masked = plan.pipeline.nodes[final.inputs[0]]
+    keys = fast.keys(plan, 0)
+    assert ev.Evaluator._summarised(plan, keys, final) == masked.inputs[0]
+    from types import SimpleNamespace
+
+    other = dataclasses.replace(masked, inputs=[masked.inputs[0], "other_lungs"])  # the mask's lungs not the clip's
+    other_plan = SimpleNamespace(pipeline=SimpleNamespace(nodes={**plan.pipeline.nodes, masked.name: other}))
+    assert ev.Evaluator._summarised(other_plan, {**keys, "other_lungs": -1}, final) == masked.name
+    assert ev.Evaluator._summarised(other_plan, {**keys, "other_lungs": keys[masked.inputs[1]]}, final) \
+        == masked.inputs[0]  # another node, but the same lungs value: skipped
+    monkeypatch.setitem(ops.OPS, final.type, dataclasses.replace(ops.OPS[final.type], summary_lungs=None))
+    assert ev.Evaluator._summarised(plan, keys, final) == masked.name  # a summary that reads every pixel
+
+
 @pytest.mark.parametrize("name", ["midrc", "balanced"])
 def test_fast_losses_equal_the_definition(setup, name):
     metric = metrics.map_metric(name, 2.0, 0.5)

@@ -79,6 +79,11 @@ class NodeDef:
     none_if_all_none: tuple[str, ...] = ()
     # a final op's value where there is no lung (and an unreadable image's whole map), from its parameters
     floor: Callable[[dict[str, Any]], int] | None = None
+    # the lungs role whose lung pixels are all that ``summary`` reads of the map (clip: 'lungs')
+    summary_lungs: str | None = None
+    # (map role, lungs role) of an op that changes only pixels outside those lungs (mask): a summary over the
+    # same lungs' pixels reads the same values from its map input, so tune summarises that and skips this op
+    keeps_lung_pixels: tuple[str, str] | None = None
 
     def gives_none(self, inputs: Sequence[Any]) -> bool:
         """Whether the output is None for these input values (by position; missing optional inputs are None)."""
@@ -331,12 +336,13 @@ OPS: dict[str, NodeDef] = {
     "resize": NodeDef((Role("map", ("map",)), Role("image", ("image",))), "fullmap", {}, resize,
                       "resize the map to the original image size"),
     "mask": NodeDef((Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "fullmap", {}, mask,
-                    "zero outside the lung mask"),
+                    "zero outside the lung mask", keeps_lung_pixels=("map", "lungs")),
     "clip": NodeDef(
         (Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "map8",
         {"low": Param("int", *MAP8_RANGE, 10), "high": Param("int", *MAP8_RANGE, 245),
          "outside": Param("int", *MAP8_RANGE, 1)},
         clip, "8-bit values in [low, high] inside the lungs, `outside` elsewhere; never 0 or 255",
         check=lambda p: f"low ({p['low']}) is above high ({p['high']})" if p["low"] > p["high"] else None,
-        context=clip_context, summary=clip_summary, counts=clip_counts, floor=lambda p: p["outside"]),
+        context=clip_context, summary=clip_summary, counts=clip_counts, floor=lambda p: p["outside"],
+        summary_lungs="lungs"),
 }

@@ -228,7 +228,7 @@ class Evaluator(BaseEvaluator):
         summary = self.summaries.get(cache_key)
         if summary is None:
             definition = OPS[node.type]
-            prob_map = self.value(plan, i, keys, node.inputs[0])
+            prob_map = self.value(plan, i, keys, self._summarised(plan, keys, node))
             context_key = (i, "context", prob_map.shape) + tuple(keys[s] for s in node.inputs[1:])
             context = self.contexts.get(context_key)
             if context is None:
@@ -238,6 +238,24 @@ class Evaluator(BaseEvaluator):
             summary = definition.summary(prob_map, context)
             self.summaries.put(cache_key, summary)
         return summary
+
+    @staticmethod
+    def _summarised(plan: _Plan, keys: dict[str, int], node: Node) -> str:
+        """The node whose map the final op's summary reads: its map input, or further up past ops that change
+        only pixels outside the same lungs (`ops.NodeDef.keeps_lung_pixels`: mask), pixels the summary never reads
+        (`ops.NodeDef.summary_lungs`); the values read, so the summary, are the same, for one pass less."""
+        definition = OPS[node.type]
+        name = node.inputs[0]
+        if definition.summary_lungs is None:
+            return name
+        lungs = keys[node.inputs[[r.name for r in definition.inputs].index(definition.summary_lungs)]]
+        while not (source := plan.pipeline.nodes[name]).is_model:
+            keeps = OPS[source.type].keeps_lung_pixels
+            roles = [r.name for r in OPS[source.type].inputs]
+            if keeps is None or keys[source.inputs[roles.index(keeps[1])]] != lungs:
+                break
+            name = source.inputs[roles.index(keeps[0])]
+        return name
 
     def keys(self, plan: _Plan, i: int) -> dict[str, int]:
         """Node name -> key id for image ``i`` (scalar ops computed on the way)."""
