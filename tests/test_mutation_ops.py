@@ -176,3 +176,29 @@ def test_clip_summaries_read_the_lung_mask_at_the_map_size_and_clip_s_defaults()
     codes = rng.integers(0, metrics.N_CODES, prob.shape).astype(np.uint8)
     summary = ops.clip_summary(prob, ops.clip_context(prob.shape, lungs, codes))
     assert np.array_equal(ops.clip_counts(summary), metrics.joint_counts(ops.clip(prob, lungs), codes))
+
+
+def test_clip_summaries_of_an_inset_lung_box_a_one_row_lung_and_rounding_boundaries():
+    from pneumomap import metrics
+
+    rng = np.random.default_rng(8)
+    shape = (23, 19)
+    steps = (np.arange(256) + 0.5) / 255.0
+    edges = np.concatenate([steps + d for d in (-1e-7, 0.0, 1e-7)])  # where float32 and float64 round apart
+    prob = np.clip(rng.choice(edges, size=shape), 0, 1).astype(np.float32)
+    codes = rng.integers(0, metrics.N_CODES, shape).astype(np.uint8)
+    for rows, cols in ((slice(5, 17), slice(3, 15)), (slice(9, 10), slice(2, 18)), (slice(4, 20), slice(11, 12))):
+        mask = np.zeros(shape, bool)
+        mask[rows, cols] = rng.random(mask[rows, cols].shape) < 0.7
+        mask[rows.start, cols.start] = mask[rows.stop - 1, cols.stop - 1] = True  # the box is exactly rows x cols
+
+        class Lungs:
+            def mask_at(self, shape_):
+                return mask
+
+        context = ops.clip_context(shape, Lungs(), codes)
+        assert context[0] == (rows.start, rows.stop, cols.start, cols.stop)
+        summary = ops.clip_summary(prob, context)
+        for low, high, outside in ((1, 254, 1), (17, 230, 4)):
+            expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
+            assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)

@@ -187,3 +187,27 @@ def test_load_probabilities_of_a_file_that_is_not_one(tmp_path):
     np.savez(tmp_path / "partial.npz", map=np.zeros((2, 2), np.float16))  # no lungs in it
     with pytest.raises(ValueError, match=r"partial\.npz: not a saved-probabilities file \(KeyError"):
         writers.load_probabilities(tmp_path / "partial.npz")
+
+
+def test_probability_inputs_need_a_full_size_map_and_the_lungs(monkeypatch):
+    from pneumomap.infer import ops
+
+    for first, second in ((("map",), ("lungs",)), (("fullmap",), ("image",))):  # one of the two is wrong
+        fake = ops.NodeDef((ops.Role("a", first), ops.Role("b", second)), "map8")
+        monkeypatch.setitem(ops.OPS, "fake", fake)
+        with pytest.raises(ValueError, match=r"the node 'final' \(fake\) does not take"):
+            writers.probability_inputs(_pipeline_ending_in("fake", ["x", "y"]))
+    monkeypatch.setitem(ops.OPS, "fake", ops.NodeDef((ops.Role("a", ("fullmap",)), ops.Role("b", ("lungs",))), "map8"))
+    assert writers.probability_inputs(_pipeline_ending_in("fake", ["x", "y"])) == ("x", "y")
+
+
+def test_saved_maps_keep_the_bytes_of_the_float32_map_that_clip_reads(tmp_path):
+    # float64 values just above k + 0.5 (over 255) whose float32 lies below it: clip, on the float32 map,
+    # rounds them down, and the saved map must keep that byte, not the float64 one
+    values = (np.arange(255) + 0.5) / 255.0 + 1e-10
+    values = values[np.rint(values.astype(np.float32).astype(np.float64) * 255.0) != np.rint(values * 255.0)]
+    assert values.size > 10
+    path = tmp_path / "a.npz"
+    writers.save_probabilities(path, values[None, :], np.ones((1, values.size), bool), 0.5, "a", "k")
+    saved = writers.load_probabilities(path).map[0].astype(np.float64)
+    assert np.array_equal(np.rint(saved * 255.0), np.rint(values.astype(np.float32).astype(np.float64) * 255.0))

@@ -11,6 +11,8 @@ faster way; the timings: benchmarks/RESULTS.md, "Figures behind design choices".
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from skimage.transform import resize as _sk_resize
 from skimage.transform import resize_local_mean
@@ -123,6 +125,7 @@ def _block_mean(values: np.ndarray, fy: int, fx: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=64)  # a few sizes recur for every map
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per output sample along one axis: (first index, second index, weight of the second, whether
     a tap lies past an edge). Pixel centres aligned (``(j + 0.5) * n_in / n_out - 0.5``); indices
@@ -134,6 +137,8 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     edge = (first < 0) | (second > n_in - 1)
     first[first < 0] = 1
     second[second > n_in - 1] = n_in - 2
+    for taps in (first, second, weight, edge):
+        taps.flags.writeable = False  # cached: shared by every caller
     return first, second, weight, edge
 
 
