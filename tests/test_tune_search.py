@@ -179,3 +179,47 @@ def test_coordinate_descent_on_some_images_with_either_rule():
     assert same == START and metric0 == evaluator.metric(START) and curves0 == {}
     with pytest.raises(ValueError, match="unknown choice rule"):
         search.coordinate_descent(evaluator, START, AXES, rounds=1, progress=False, rule="median")
+
+
+class Flat(Bowl):
+    """Every candidate scores the same: no step lowers the metric, so the search never moves."""
+
+    def losses_of(self, candidates, indices=None, progress=None) -> np.ndarray:
+        chosen = range(self.n) if indices is None else indices
+        return np.full((len(candidates), len(list(chosen))), 0.25)
+
+
+def test_smoothed_edges_count_the_end_value_twice():
+    left = search.Curve([1, 2, 3, 4], [0.0, 0.6, 0.1, 0.5])  # padded with its own end value: (0 + 0 + 0.6) / 3
+    assert search.choose(left, 4, "smoothed") == 0
+    right = search.Curve([1, 2, 3, 4], [0.5, 0.1, 0.6, 0.0])
+    assert search.choose(right, 1, "smoothed") == 3
+
+
+def test_a_tie_keeps_the_current_value_and_the_metric_is_over_the_chosen_images():
+    start = copy.deepcopy(START)
+    thresholds, metric, curves = search.coordinate_descent(Flat(), start, AXES, rounds=2, progress=False)
+    assert thresholds == START and metric == 0.25 and curves  # equal metrics everywhere: nothing moves
+    evaluator = Bowl()
+    on_last, _, _ = search.coordinate_descent(evaluator, START, AXES, rounds=3, progress=False, indices=[3])
+    again, metric, _ = search.coordinate_descent(evaluator, on_last, AXES, rounds=1, progress=False, indices=[3])
+    assert again == on_last  # already the minimum on image 3: the returned metric is the start's, on image 3
+    assert metric == evaluator.metric(on_last, [3]) != evaluator.metric(on_last)
+
+
+def test_sweep_goes_on_past_an_invalid_value_and_clip_high_may_equal_clip_low():
+    evaluator = Bowl()
+    block = {**copy.deepcopy(START), "clip": {"low": 10, "high": 30, "outside": 1}}
+    assert search.sweep(evaluator, block, ("clip", "low"), [5, 64, 30]).values == [5, 30]
+    axes = {a.name: a for a in space.AXES}
+    assert space.candidates(axes["clip.high"], {"clip": {"low": 215, "high": 245, "outside": 1}})[0] == 215
+
+
+def test_the_search_default_rounds_are_the_command_s():
+    import dataclasses
+    import inspect
+
+    from pneumomap.infer.tune.options import TuneOptions
+
+    rounds = next(f.default for f in dataclasses.fields(TuneOptions) if f.name == "rounds")
+    assert inspect.signature(search.coordinate_descent).parameters["rounds"].default == rounds == 3
