@@ -277,7 +277,7 @@ def forward_speed(report: Report) -> None:
     for batch in report.plan.batches:
         call = forward_batch(device, batch)
         inputs = {n.name: torch.randn(call, 1, *models[n.name].input_size, device=device).contiguous(
-            memory_format=torch.channels_last) for n in pipeline.model_nodes if n.type != "mapper"}
+            memory_format=torch.channels_last) for n in pipeline.model_nodes if n.kind != "mapper"}
         passed = max(1, call // 2)  # the gate passes about half: the mappers decode half of each call
 
         def once() -> None:
@@ -285,10 +285,10 @@ def forward_speed(report: Report) -> None:
             with torch.inference_mode(), autocast(device, precision=precision):
                 for node in pipeline.model_nodes:
                     stage = models[node.name]
-                    if node.type == "mapper":
+                    if node.kind == "mapper":
                         source = node.inputs[0]
                         stage.predict(inputs[source][:passed], [f[:passed] for f in features[source]])
-                    elif node.type == "lungs":
+                    elif node.kind == "lungs":
                         stage.predict(inputs[node.name])
                     else:
                         features[node.name] = stage.encode(inputs[node.name])

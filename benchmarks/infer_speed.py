@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from pneumomap.device import cpu_streams, inference_precision  # noqa: E402
 from pneumomap.infer import runner, spec  # noqa: E402
-from pneumomap.infer.ops import Lungs  # noqa: E402
+from pneumomap.infer.ops import LungRegions  # noqa: E402
 from pneumomap.infer.tiny import write_inputs, write_pipeline  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def naive(pipeline: spec.Pipeline, models: dict, paths: list[Path], out: Path) -
         whole = torch.from_numpy(to_model_input(image.pixels, (512, 512)))[None, None]
         with torch.no_grad():
             split = models["lungs"].splits(models["lungs"].predict(whole))[0]
-            values = {"image": runner.ImageSize(image.meta.height, image.meta.width), "lungs": Lungs(split),
+            values = {"image": runner.ImageSize(image.meta.height, image.meta.width), "lungs": LungRegions(split),
                       "classifier": float(models["classifier"].predict(whole)[0])}
             halves = lung_half_inputs(image.pixels, split, (512, 320))
             for side in ("right", "left"):

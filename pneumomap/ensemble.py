@@ -63,7 +63,7 @@ class Run:
 
 
 class _SavedLungs:
-    """The saved lung mask standing in for the `Lungs` value the final op takes (its ``mask_at``)."""
+    """The saved lung mask standing in for the `LungRegions` value the final op takes (its ``mask_at``)."""
 
     def __init__(self, mask: np.ndarray) -> None:
         self.mask = mask

@@ -175,8 +175,8 @@ def zip_folder(folder: Path, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            kind = zipfile.ZIP_STORED if file.suffix == ".whl" else zipfile.ZIP_DEFLATED
-            archive.write(file, file.relative_to(folder).as_posix(), compress_type=kind)
+            compression = zipfile.ZIP_STORED if file.suffix == ".whl" else zipfile.ZIP_DEFLATED
+            archive.write(file, file.relative_to(folder).as_posix(), compress_type=compression)
     os.replace(tmp, path)
     return path
 
@@ -311,15 +311,15 @@ def _read_json(path: Path) -> Any:
 
 def _model_sentence(node: Any) -> str:
     """What one model node is: kind, backbones, input size, from its checkpoint's config.yaml."""
-    from pneumomap.infer.spec import STAGES
+    from pneumomap.infer.spec import STAGE_NODES
     from pneumomap.stages.base import size_text, stage_class
 
     saved = _read_yaml(node.checkpoint / CONFIG_FILE) or {}
     cfg = saved.get("config") if isinstance(saved, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
-    role = STAGES[node.type].help
-    parts = [f"Node '{node.name}' is a {node.type} stage ({role})."]
-    parts += stage_class(node.type).describe(cfg, list(node.inputs))
+    role = STAGE_NODES[node.kind].help
+    parts = [f"Node '{node.name}' is a {node.kind} stage ({role})."]
+    parts += stage_class(node.kind).describe(cfg, list(node.inputs))
     if "input_size" in cfg:
         parts.append(f"Its input is {size_text(cfg['input_size'])}.")
     if node.when:
@@ -366,7 +366,7 @@ def _training_sentence(node: Any) -> str:
             parts.append("Training recipe (recipe.yaml): " + "; ".join(bits) + ".")
     if isinstance(history, list) and history and all(isinstance(r, dict) for r in history):
         parts.append(f"It was trained for {len(history)} epoch(s) (history.json).")
-        kinds = [s for s in TRAINING.values() if s.kind == node.type]
+        kinds = [s for s in TRAINING.values() if s.kind == node.kind]
         if kinds:
             key, higher = f"val_{kinds[0].metric}", kinds[0].higher_is_better
             scored = [r for r in history if isinstance(r.get(key), (int, float))]
@@ -383,7 +383,7 @@ def _op_sentence(node: Any) -> str:
 
     params = ", ".join(f"{k} = {json.dumps(v)}" for k, v in node.params.items())
     inputs = ", ".join(f"'{i}'" for i in node.inputs)
-    return (f"'{node.name}' ({node.type}: {OPS[node.type].help}) takes {inputs}"
+    return (f"'{node.name}' ({node.kind}: {OPS[node.kind].help}) takes {inputs}"
             + (f", with {params}" if params else "") + ".")
 
 
@@ -410,19 +410,19 @@ def tune_header(text: str) -> list[str]:
 def _explainability(pipeline: Any, gated: list[str]) -> str:
     from pneumomap.stages.base import stage_class
 
-    types = {n.type for n in pipeline.nodes.values()}
+    kinds = {n.kind for n in pipeline.nodes.values()}
     text = ("The opacity map is the explanation of the image-level result: it shows where in the lungs the pipeline "
             "finds the opacities that make the image positive.")
-    text += "".join(stage_class(kind).explanation() for kind in dict.fromkeys(n.type for n in pipeline.model_nodes))
+    text += "".join(stage_class(kind).explanation() for kind in dict.fromkeys(n.kind for n in pipeline.model_nodes))
     if gated:
         text += (f" Images that the gate {', '.join(repr(g) for g in gated)} does not pass are treated as negative: "
                  "the networks that depend on the gate are not run for them and their map holds the floor value.")
-    if "mask" in types:
+    if "mask" in kinds:
         text += " Outside the lung mask the map holds the lowest value."
-    if "overestimate" in types:
+    if "overestimate" in kinds:
         text += (" The map is deliberately grown (dilated and raised), because under the challenge's pixel-wise "
                  "log loss a missed opacity costs more than a false alarm.")
-    if "clip" in types:
+    if "clip" in kinds:
         text += " The values are clipped so that no pixel claims certainty."
     return text
 

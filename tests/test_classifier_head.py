@@ -207,7 +207,7 @@ def test_class_index_and_probability_of():
 def test_spec_validates_positive():
     from pneumomap.infer import spec
 
-    assert spec.STAGES["classifier"].params["positive"].choices == CLASSES
+    assert spec.STAGE_NODES["classifier"].params["positive"].choices == CLASSES
     raw = {"nodes": {"classifier": {"stage": "classifier", "checkpoint": "c", "inputs": ["image"],
                                     "params": {"positive": "Pneumonia"}},
                      "gate": {"op": "gate", "inputs": ["classifier"], "params": {"threshold": 0.5}}},

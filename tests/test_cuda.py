@@ -64,7 +64,7 @@ def test_fp16_amp_is_close_to_fp32_for_every_stage_kind(tiny, tmp_path):
     assert _run(tiny, out, precision="fp32")["precision"] == "fp32"
     assert _run(tiny, out)["precision"] == "fp16"  # auto on CUDA; stored beside the fp32 outputs
     fp32, fp16 = _stored(tiny, out, "fp32"), _stored(tiny, out, "fp16")
-    kinds = {tiny["pipeline"].nodes[name].type for name, _ in fp32}
+    kinds = {tiny["pipeline"].nodes[name].kind for name, _ in fp32}
     assert kinds == {"lungs", "classifier", "regressor", "mapper"}
     for key, reference in fp32.items():
         difference = np.abs(fp16[key] - reference).max()

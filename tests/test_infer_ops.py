@@ -10,11 +10,11 @@ from pneumomap.stages.lung_geometry import split_lungs
 
 
 @pytest.fixture()
-def lungs() -> ops.Lungs:
+def lungs() -> ops.LungRegions:
     mask = np.zeros((32, 32), bool)
     mask[4:28, 3:13] = True  # patient's right lung = image left
     mask[4:28, 19:29] = True
-    return ops.Lungs(split_lungs(mask))
+    return ops.LungRegions(split_lungs(mask))
 
 
 def test_gate_choose_level():
@@ -54,9 +54,9 @@ def test_overestimate_dilates_and_raises_by_level():
 
 def test_resize_mask_clip(lungs):
     prob = np.full((32, 32), 0.5, np.float32)
-    full = ops.resize(prob, ImageSize(64, 48))
+    full = ops.to_image_size(prob, ImageSize(64, 48))
     assert full.shape == (64, 48) and np.allclose(full, 0.5)
-    assert np.array_equal(ops.resize(None, ImageSize(5, 7)), np.zeros((5, 7), np.float32))
+    assert np.array_equal(ops.to_image_size(None, ImageSize(5, 7)), np.zeros((5, 7), np.float32))
     masked = ops.mask(full, lungs)
     inside = lungs.mask_at((64, 48))
     assert inside.shape == (64, 48) and np.allclose(masked[inside], 0.5) and np.all(masked[~inside] == 0)

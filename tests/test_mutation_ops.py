@@ -18,7 +18,7 @@ from pneumomap.stages.preprocess import resize as pre_resize
 from properties import FAST
 
 
-def blob_lungs(rng: np.random.Generator, shape: tuple[int, int]) -> ops.Lungs:
+def blob_lungs(rng: np.random.Generator, shape: tuple[int, int]) -> ops.LungRegions:
     """Two disjoint random lungs: the right one (image left) in columns [0, 0.65 w), the left one in [0.35 w, w);
     the shared columns go to one side or the other pixel by pixel, so each box holds pixels of the other lung."""
     h, w = shape
@@ -29,7 +29,7 @@ def blob_lungs(rng: np.random.Generator, shape: tuple[int, int]) -> ops.Lungs:
     right, left = in_lung & to_right, in_lung & ~to_right
     right[h // 2, 0] = left[h // 2, w - 1] = True  # neither side empty
     right[0, int(0.35 * w)], left[0, int(0.35 * w)] = True, False  # a right pixel in the shared columns
-    return ops.Lungs(LungSplit(right | left, right, left, bounding_box(right), bounding_box(left), False))
+    return ops.LungRegions(LungSplit(right | left, right, left, bounding_box(right), bounding_box(left), False))
 
 
 def oracle_combine(split: LungSplit, whole, right, left, right_choice: str, left_choice: str) -> np.ndarray:
@@ -144,9 +144,9 @@ def test_overestimate_defaults_and_bounds():
 
 
 def test_resize_and_mask_keep_float32_probabilities():
-    assert ops.resize(None, ImageSize(5, 7)).dtype == np.float32
+    assert ops.to_image_size(None, ImageSize(5, 7)).dtype == np.float32
     outside_range = np.linspace(-0.5, 1.5, 12 * 10, dtype=np.float32).reshape(12, 10)
-    full = ops.resize(outside_range, ImageSize(24, 20))
+    full = ops.to_image_size(outside_range, ImageSize(24, 20))
     assert full.dtype == np.float32 and full.min() == 0.0 and full.max() == 1.0
     assert np.array_equal(full, np.clip(pre_resize(outside_range, (24, 20)), 0.0, 1.0))
     lungs = blob_lungs(np.random.default_rng(3), (12, 10))
@@ -192,13 +192,13 @@ def test_clip_summaries_of_an_inset_lung_box_a_one_row_lung_and_rounding_boundar
         mask[rows, cols] = rng.random(mask[rows, cols].shape) < 0.7
         mask[rows.start, cols.start] = mask[rows.stop - 1, cols.stop - 1] = True  # the box is exactly rows x cols
 
-        class Lungs:
+        class FixedRegions:
             def mask_at(self, shape_):
                 return mask
 
-        context = ops.clip_context(shape, Lungs(), codes)
+        context = ops.clip_context(shape, FixedRegions(), codes)
         assert context[0] == (rows.start, rows.stop, cols.start, cols.stop)
         summary = ops.clip_summary(prob, context)
         for low, high, outside in ((1, 254, 1), (17, 230, 4)):
-            expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
+            expected = metrics.joint_counts(ops.clip(prob, FixedRegions(), low, high, outside), codes)
             assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)

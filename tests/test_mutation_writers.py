@@ -109,7 +109,7 @@ def test_fallback_map_is_the_floor_at_the_header_size(tmp_path):
 def _pipeline_ending_in(op: str, inputs: list[str], is_model: bool = False):
     from types import SimpleNamespace
 
-    final = SimpleNamespace(name="final", type=op, is_model=is_model, inputs=inputs)
+    final = SimpleNamespace(name="final", kind=op, is_model=is_model, inputs=inputs)
     return SimpleNamespace(nodes={"final": final}, outputs=SimpleNamespace(map="final"))
 
 

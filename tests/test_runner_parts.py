@@ -28,7 +28,7 @@ def tiny(tmp_path_factory, tiny_pipeline, phantom_inputs) -> dict:
 
 
 def _node(name: str, kind: str, inputs: list[str], output: str) -> Node:
-    return Node(name=name, kind="stage", type=kind, inputs=inputs, output=output, params={})
+    return Node(name=name, is_model=True, kind=kind, inputs=inputs, output=output, params={})
 
 
 def _inputs(n: int, size: tuple[int, int] = (64, 64)) -> list[np.ndarray]:

@@ -47,12 +47,12 @@ def stages() -> dict[str, nn.Module]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_kind_declares_its_input_and_the_value_its_node_gives(kind):
-    from pneumomap.infer.spec import STAGES
+    from pneumomap.infer.spec import STAGE_NODES
 
     cls = stage_class(kind)
     assert cls.region in (WHOLE_IMAGE, LUNG_HALF, FROM_SOURCE)
-    if kind in STAGES:  # the pipeline's value type of the kind is the class's
-        assert cls.output == STAGES[kind].output
+    if kind in STAGE_NODES:  # the pipeline's value type of the kind is the class's
+        assert cls.output == STAGE_NODES[kind].output
 
 
 def test_the_input_region_side_and_output_type_of_each_stage(stages):

@@ -92,7 +92,7 @@ def test_summaries_skip_the_mask_of_the_same_lungs_only(setup, monkeypatch):
     assert ev.Evaluator._summarised(other_plan, {**keys, "other_lungs": -1}, final) == masked.name
     assert ev.Evaluator._summarised(other_plan, {**keys, "other_lungs": keys[masked.inputs[1]]}, final) \
         == masked.inputs[0]  # another node, but the same lungs value: skipped
-    monkeypatch.setitem(ops.OPS, final.type, dataclasses.replace(ops.OPS[final.type], summary_lungs=None))
+    monkeypatch.setitem(ops.OPS, final.kind, dataclasses.replace(ops.OPS[final.kind], summary_lungs=None))
     assert ev.Evaluator._summarised(plan, keys, final) == masked.name  # a summary that reads every pixel
 
 
@@ -117,7 +117,7 @@ def test_lazy_outputs_hold_no_map_until_asked(setup):
         else:
             assert isinstance(lazy[node.name], runner.Deferred)
             loaded, want = lazy[node.name].load(), eager[node.name]
-            if node.type == "lungs":
+            if node.kind == "lungs":
                 loaded, want = loaded.split.mask, want.split.mask
             assert np.array_equal(loaded, want)
 
@@ -191,14 +191,14 @@ def test_clip_counts_are_the_counts_of_the_clipped_map(seed, a, b, outside):
     prob[rng.random(shape) < 0.1] = 1.0
     lungs_mask = rng.random(shape) < 0.6
 
-    class Lungs:
+    class FixedRegions:
         def mask_at(self, shape_):
             return lungs_mask
 
     codes = rng.integers(0, metrics.N_CODES, shape).astype(np.uint8)
     low, high = min(a, b), max(a, b)
-    expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
-    summary = ops.clip_summary(prob, ops.clip_context(shape, Lungs(), codes))
+    expected = metrics.joint_counts(ops.clip(prob, FixedRegions(), low, high, outside), codes)
+    summary = ops.clip_summary(prob, ops.clip_context(shape, FixedRegions(), codes))
     assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)
 
 
@@ -210,14 +210,14 @@ def test_clip_counts_without_lungs_codes_or_outside(lung_fraction, code_fraction
     prob = rng.random(shape).astype(np.float32)
     lungs_mask = rng.random(shape) < lung_fraction
 
-    class Lungs:
+    class FixedRegions:
         def mask_at(self, shape_):
             return lungs_mask
 
     codes = np.where(rng.random(shape) < code_fraction, rng.integers(1, metrics.N_CODES, shape), 0).astype(np.uint8)
-    context = ops.clip_context(shape, Lungs(), codes)
+    context = ops.clip_context(shape, FixedRegions(), codes)
     assert (context[2] is None) == (not codes[lungs_mask].any())
     summary = ops.clip_summary(prob, context)
     for low, high, outside in ((1, 254, 1), (30, 200, 7)):
-        expected = metrics.joint_counts(ops.clip(prob, Lungs(), low, high, outside), codes)
+        expected = metrics.joint_counts(ops.clip(prob, FixedRegions(), low, high, outside), codes)
         assert np.array_equal(ops.clip_counts(summary, low, high, outside), expected)

@@ -61,14 +61,14 @@ def node_keys(pipeline: Pipeline, precision: str | None = None) -> dict[str, str
     for node in pipeline.model_nodes:
         checkpoint = {f: file_hash(node.checkpoint / f) for f in CHECKPOINT_FILES}
         inputs = [keys.get(i, i) for i in node.inputs]
-        keys[node.name] = _digest({"stage": node.type, "params": node.params, "checkpoint": checkpoint,
+        keys[node.name] = _digest({"stage": node.kind, "params": node.params, "checkpoint": checkpoint,
                                    "inputs": inputs, "precision": precision, "format": 1})
     return keys
 
 
 def post_key(pipeline: Pipeline, keys: dict[str, str]) -> str:
     """Key of everything that decides the submission files."""
-    ops = {n.name: {"op": n.type, "inputs": n.inputs, "params": n.params} for n in pipeline.op_nodes}
+    ops = {n.name: {"op": n.kind, "inputs": n.inputs, "params": n.params} for n in pipeline.op_nodes}
     outputs = vars(pipeline.outputs)
     return _digest({"models": keys, "ops": ops, "outputs": outputs, "format": 1})
 

@@ -26,7 +26,7 @@ def mermaid(pipeline: Pipeline) -> str:
     """The flowchart text."""
     lines = ["flowchart TD", f'  {IMAGE}[/"image"/]']
     for node in pipeline.nodes.values():
-        label = f"{node.name}<br/><i>{node.type}</i>"
+        label = f"{node.name}<br/><i>{node.kind}</i>"
         if node.params and not (node.is_model and set(node.params) == {"side"}):
             label += "<br/>" + _params(node.params)
         lines.append(f'  {node.name}["{label}"]' if node.is_model else f'  {node.name}("{label}")')

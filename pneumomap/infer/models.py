@@ -41,7 +41,7 @@ def decodes_source(node: Node) -> bool:
     """Whether a model node decodes the encoder of its first input (a mapper: `Stage.region` is its source's)."""
     from pneumomap.stages.base import FROM_SOURCE, stage_class
 
-    return stage_class(node.type).region == FROM_SOURCE
+    return stage_class(node.kind).region == FROM_SOURCE
 
 
 def with_sources(pipeline: Pipeline, names: set[str]) -> set[str]:
@@ -81,9 +81,9 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
             stage = load_stage(node.checkpoint)
         except Exception as exc:  # missing/corrupt files, wrong format: all fatal, before any image
             raise RunError(f"nodes.{node.name}.checkpoint: cannot load {node.checkpoint}: {exc}") from None
-        if stage.kind != node.type:
+        if stage.kind != node.kind:
             raise RunError(f"nodes.{node.name}.checkpoint: {node.checkpoint} holds a {stage.kind!r} stage, "
-                           f"the node says stage: {node.type}")
+                           f"the node says stage: {node.kind}")
         _check_params(node, stage)
         if decodes_source(node):
             _attach_mapper(pipeline, node, stage, models[node.inputs[0]], encoder_hashes)
@@ -96,9 +96,9 @@ def load_models(pipeline: Pipeline, names: set[str], device: torch.device) -> di
 def _check_params(node: Node, stage: Any) -> None:
     """Each parameter of the node's kind against the checkpoint (`Stage.check_node_params`), one at a time
     so that a refusal names its key."""
-    from pneumomap.infer.spec import STAGES
+    from pneumomap.infer.spec import STAGE_NODES
 
-    for key in STAGES[node.type].params:
+    for key in STAGE_NODES[node.kind].params:
         try:
             stage.check_node_params({key: node.params[key]} if key in node.params else {})
         except ValueError as exc:

@@ -8,7 +8,7 @@ Value types flowing between nodes:
 
 =============  ==========================================================================
 ``image``      `ImageMeta` of the input (original ``height``/``width``); pixels only for models
-``lungs``      `Lungs`: the lung split at the lung model's resolution (the *working frame*)
+``lungs``      `LungRegions`: the lung split at the lung model's resolution (the *working frame*)
 ``probability`` / ``extent``  a float in [0, 1] (classifier / extent regressor)
 ``bool``       gate decision;  ``choice``: 'lung' | 'whole' | 'max' | 'none';  ``level``: 'low' | 'high'
 ``map``        float32 opacity probabilities in the working frame (whole-image mapper output)
@@ -17,7 +17,7 @@ Value types flowing between nodes:
 ``map8``       uint8 map at the original size, ready to write
 =============  ==========================================================================
 
-``None`` stands for "not computed because the gate said negative": map ops pass it on, `resize`
+``None`` stands for "not computed because the gate said negative": map ops pass it on, the `resize` op
 turns it into zeros, so a negative image ends as the floor values of `clip`.
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ LEVELS = ("low", "high")
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter: kind 'float' | 'int' | 'bool' | 'enum' | 'amounts' (a {dilate, raise} mapping)."""
+    """One parameter: the type of its value, 'float' | 'int' | 'bool' | 'enum' | 'amounts' (a {dilate, raise} mapping)."""
 
-    kind: str
+    type: str
     low: float | None = None
     high: float | None = None
     default: Any = None
@@ -106,7 +106,7 @@ class NodeDef:
 
 
 @dataclass
-class Lungs:
+class LungRegions:
     """A lung split (`pneumomap.stages.lung_geometry.LungSplit`) plus resized-mask memo."""
 
     split: Any
@@ -151,7 +151,7 @@ def level(right_extent: float, left_extent: float, threshold: float) -> str:
     return "high" if (right_extent + left_extent) / 2.0 >= threshold else "low"
 
 
-def combine(lungs: Lungs, whole: np.ndarray | None, right: np.ndarray | None = None,
+def combine(lungs: LungRegions, whole: np.ndarray | None, right: np.ndarray | None = None,
             left: np.ndarray | None = None, right_choice: str = "lung", left_choice: str = "lung"
             ) -> np.ndarray | None:
     """Whole-image map (resized to the lungs' frame) with each lung's region formed by its choice.
@@ -226,7 +226,7 @@ def dilate_disk(values: np.ndarray, radius: int) -> np.ndarray:
     return current
 
 
-def resize(prob_map: np.ndarray | None, image: Any) -> np.ndarray:
+def to_image_size(prob_map: np.ndarray | None, image: Any) -> np.ndarray:
     """The map at the original image size (zeros when the map was gated out)."""
     shape = (int(image.height), int(image.width))
     if prob_map is None:
@@ -237,12 +237,12 @@ def resize(prob_map: np.ndarray | None, image: Any) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def mask(prob_map: np.ndarray, lungs: Lungs) -> np.ndarray:
+def mask(prob_map: np.ndarray, lungs: LungRegions) -> np.ndarray:
     """No opacity outside the lungs (the lung mask resized, nearest, to the map's size)."""
     return np.where(lungs.mask_at(prob_map.shape), prob_map.astype(np.float32, copy=False), np.float32(0.0))
 
 
-def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, outside: int = 1) -> np.ndarray:
+def clip(prob_map: np.ndarray, lungs: LungRegions, low: int = 10, high: int = 245, outside: int = 1) -> np.ndarray:
     """8-bit map: round(p * 255) clipped to [low, high] inside the lungs, ``outside`` elsewhere."""
     scaled = prob_map.astype(np.float64)
     scaled *= 255.0
@@ -250,7 +250,7 @@ def clip(prob_map: np.ndarray, lungs: Lungs, low: int = 10, high: int = 245, out
     return np.where(lungs.mask_at(prob_map.shape), values, np.uint8(outside))
 
 
-def clip_context(map_shape: tuple[int, int], lungs: Lungs, codes: np.ndarray) -> tuple:
+def clip_context(map_shape: tuple[int, int], lungs: LungRegions, codes: np.ndarray) -> tuple:
     """What `clip_summary` needs of an image besides its map, computed once per image and kept small (a few
     hundred kB at 1024 px, so that thousands of images' contexts stay in memory): the lung mask's bounding
     box at the map's size, the mask inside it as packed bits, the lung pixels' codes times 257 (None when
@@ -309,7 +309,7 @@ MAP8_RANGE = (1, 254)
 _SCORE = ("probability", "extent")
 _AMOUNTS = Param("amounts", default={"dilate": 0, "raise": 0.0},
                  help="{dilate: radius in px of the working frame (int >= 0), raise: added probability in [0, 1]}")
-_CHOICE = dict(kind="enum", choices=CHOICES)
+_CHOICE = dict(type="enum", choices=CHOICES)
 
 OPS: dict[str, NodeDef] = {
     "gate": NodeDef(
@@ -333,7 +333,7 @@ OPS: dict[str, NodeDef] = {
         (Role("map", ("map",)), Role("level", ("level",), True)), "map",
         {"low": _AMOUNTS, "high": _AMOUNTS}, overestimate, "dilate and raise the map by the level's amounts",
         selected_by=("level", "low"), none_if_all_none=("map",)),
-    "resize": NodeDef((Role("map", ("map",)), Role("image", ("image",))), "fullmap", {}, resize,
+    "resize": NodeDef((Role("map", ("map",)), Role("image", ("image",))), "fullmap", {}, to_image_size,
                       "resize the map to the original image size"),
     "mask": NodeDef((Role("map", ("fullmap",)), Role("lungs", ("lungs",))), "fullmap", {}, mask,
                     "zero outside the lung mask", keeps_lung_pixels=("map", "lungs")),

@@ -49,7 +49,7 @@ from pneumomap.infer.engine import ImageState, Tally, run_images
 from pneumomap.infer.inputs import ImageSize, Item, RunError, decode_ahead, decode_now, list_items
 from pneumomap.infer.models import (Executor, decodes_source, encoder_call, load_models, node_call, run_precision,
                                     whole_image_sizes)
-from pneumomap.infer.ops import Lungs
+from pneumomap.infer.ops import LungRegions
 from pneumomap.infer.spec import IMAGE, Node, Pipeline, load
 from pneumomap.infer.stored import (MISSING, SCALAR_OUTPUTS, Deferred, RunStore, evaluate_op, floor_value,
                                     load_outputs, postprocess)
@@ -245,7 +245,7 @@ class PipelineJob:
         stage = self.models[node.name]
         if not stage.on_lung_half:
             return st.inputs.whole(stage.input_size)
-        lungs = next(name for name in node.inputs if isinstance(st.values.get(name), Lungs))
+        lungs = next(name for name in node.inputs if isinstance(st.values.get(name), LungRegions))
         return st.inputs.half(st.values[lungs].split, lungs, stage.side, stage.input_size)[0]
 
     def finish(self, st: ImageState) -> writers.Record:

@@ -129,7 +129,7 @@ def summarize(pipeline: Pipeline, parts: list[dict], records: list[writers.Recor
         for k, v in p["computed"].items():
             computed[k] = computed.get(k, 0) + v
     wall = max(p["wall_seconds"] for p in parts)
-    gates = [n for n in pipeline.op_nodes if n.type == "gate"]
+    gates = [n for n in pipeline.op_nodes if n.kind == "gate"]
     return {
         "images": len(records),
         "failures": sum(1 for r in records if r.failure),

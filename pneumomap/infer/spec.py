@@ -45,7 +45,7 @@ DECISION_TYPES = {"gate": "bool", "right_extent": "extent", "left_extent": "exte
 DECISION_COLUMNS = tuple(DECISION_TYPES)
 TOP_KEYS = ("version", "thresholds", "nodes", "outputs")
 NODE_KEYS = ("stage", "op", "checkpoint", "inputs", "params", "when")
-STAGES: dict[str, NodeDef] = {
+STAGE_NODES: dict[str, NodeDef] = {  # the node signature of each stage kind a `stage:` node may name (ops: `OPS`)
     "lungs": NodeDef((Role("image", (IMAGE,)),), "lungs", {}, help="lung segmentation -> lung split"),
     "classifier": NodeDef((Role("image", (IMAGE,)),), "probability",
                           # positive: the class whose probability a multi-class head gives as the node's
@@ -76,17 +76,13 @@ class PipelineError(ValueError):
 @dataclass
 class Node:
     name: str
-    kind: str  # 'stage' or 'op'
-    type: str  # the stage kind or op name
+    is_model: bool  # a `stage:` node (a network); else an `op:` node
+    kind: str  # the registry key: the stage kind (`STAGE_NODES`) or the op (`OPS`)
     inputs: list[str]
     output: str  # value type
     params: dict[str, Any]  # resolved ($refs replaced by threshold values, defaults filled)
     checkpoint: Path | None = None
     when: str | None = None
-
-    @property
-    def is_model(self) -> bool:
-        return self.kind == "stage"
 
 
 @dataclass
@@ -119,7 +115,7 @@ class Pipeline:
         """The map value where no lung is found (and of an unreadable image's whole map): what the final op
         declares (`ops.NodeDef.floor`: `clip`'s ``outside``), else the lowest value a map may hold."""
         node = self.nodes[self.outputs.map]
-        definition = None if node.is_model else OPS[node.type]
+        definition = None if node.is_model else OPS[node.kind]
         return int(definition.floor(node.params)) if definition is not None and definition.floor else MAP8_RANGE[0]
 
     def with_thresholds(self, thresholds: dict[str, Any], check_checkpoints: bool = False) -> "Pipeline":
@@ -280,25 +276,25 @@ def _check_value(param: Param, value: Any, where: str, errors: _Errors) -> Any:
     def bad(message: str, hint: str = "") -> None:
         errors.add(where, message, hint)
 
-    if param.kind in ("float", "int"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (param.kind == "int" and not isinstance(value, int)):
-            want = "an integer" if param.kind == "int" else "a number"
+    if param.type in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (param.type == "int" and not isinstance(value, int)):
+            want = "an integer" if param.type == "int" else "a number"
             return bad(f"wrong type: expected {want}, got {_type_name(value)} {value!r}", f"write e.g. {param.default if param.default is not None else 0.5}")
         if not math.isfinite(value):
             return bad(f"not a finite number: {value!r}", f"write e.g. {param.default if param.default is not None else 0.5}")
         if (param.low is not None and value < param.low) or (param.high is not None and value > param.high):
             return bad(f"out of range: {value!r} is not in [{param.low}, {param.high}]",
                        f"use a value between {param.low} and {param.high}")
-        return float(value) if param.kind == "float" else int(value)
-    if param.kind == "bool":
+        return float(value) if param.type == "float" else int(value)
+    if param.type == "bool":
         if not isinstance(value, bool):
             return bad(f"wrong type: expected true or false, got {_type_name(value)} {value!r}")
         return value
-    if param.kind == "enum":
+    if param.type == "enum":
         if value not in param.choices:
             return bad(f"unknown value {value!r}", _closest(value, param.choices, "choose one of"))
         return value
-    if param.kind == "amounts":
+    if param.type == "amounts":
         if not isinstance(value, dict):
             return bad(f"wrong type: expected a mapping {{dilate, raise}}, got {_type_name(value)}", param.help)
         out = {}
@@ -309,7 +305,7 @@ def _check_value(param: Param, value: Any, where: str, errors: _Errors) -> Any:
                 continue
             out[key] = _check_value(sub[key], val, f"{where}.{key}", errors)
         return {**{k: p.default for k, p in sub.items()}, **out}
-    raise AssertionError(param.kind)
+    raise AssertionError(param.type)
 
 
 def _resolve_params(where: str, params: Any, definition: NodeDef, thresholds: dict[str, Any],
@@ -339,7 +335,7 @@ def _resolve_params(where: str, params: Any, definition: NodeDef, thresholds: di
         if key not in out and key not in params:
             if param.required:
                 errors.add(f"{where}.{key}", "missing required parameter",
-                           f"add `{key}: ...` ({param.kind}" + (f" in [{param.low}, {param.high}])" if param.low is not None else ")"))
+                           f"add `{key}: ...` ({param.type}" + (f" in [{param.low}, {param.high}])" if param.low is not None else ")"))
             elif param.default is not None:  # no default: the key stays absent unless given
                 out[key] = copy.deepcopy(param.default)
     return out
@@ -402,15 +398,15 @@ def parse(raw: Any, path: str | Path = "<pipeline>", check_checkpoints: bool = T
                 errors.add(f"{where}.{key}", f"unknown key '{key}'", _closest(key, NODE_KEYS, "allowed keys"))
         if ("stage" in body) == ("op" in body):
             errors.add(where, "a node needs exactly one of `stage:` or `op:`",
-                       f"stages: {', '.join(STAGES)}; ops: {', '.join(OPS)}")
+                       f"stages: {', '.join(STAGE_NODES)}; ops: {', '.join(OPS)}")
             continue
-        kind = "stage" if "stage" in body else "op"
-        table = STAGES if kind == "stage" else OPS
-        type_ = body[kind]
-        if type_ not in table:
-            errors.add(f"{where}.{kind}", f"unknown {kind} '{type_}'", _closest(type_, table, f"known {kind}s"))
+        key = "stage" if "stage" in body else "op"  # the YAML key: a model node or an op node
+        table = STAGE_NODES if key == "stage" else OPS
+        kind = body[key]
+        if kind not in table:
+            errors.add(f"{where}.{key}", f"unknown {key} '{kind}'", _closest(kind, table, f"known {key}s"))
             continue
-        definition = table[type_]
+        definition = table[kind]
         inputs = body.get("inputs", [])
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -419,21 +415,21 @@ def parse(raw: Any, path: str | Path = "<pipeline>", check_checkpoints: bool = T
                        "write inputs: [node_a, node_b]")
             inputs = []
         checkpoint = None
-        if kind == "stage":
-            checkpoint = _check_checkpoint(name, body.get("checkpoint"), base, type_, errors, check_checkpoints)
+        if key == "stage":
+            checkpoint = _check_checkpoint(name, body.get("checkpoint"), base, kind, errors, check_checkpoints)
         elif "checkpoint" in body:
             errors.add(f"{where}.checkpoint", "an op has no checkpoint", "remove the key")
         when = body.get("when")
-        if when is not None and (kind != "stage" or not isinstance(when, str)):
+        if when is not None and (key != "stage" or not isinstance(when, str)):
             errors.add(f"{where}.when", "`when:` takes the name of a gate node and is for model nodes only"
-                       if kind == "stage" else "`when:` is for model nodes only", "remove it or name a gate node")
+                       if key == "stage" else "`when:` is for model nodes only", "remove it or name a gate node")
             when = None
         params = _resolve_params(f"{where}.params", body.get("params"), definition, thresholds, errors)
         if definition.check is not None and None not in params.values():
             problem = definition.check(params)
             if problem:
                 errors.add(f"{where}.params", problem, "see the op's parameters in the README's pipeline.yaml reference")
-        nodes[name] = Node(name, kind, type_, list(inputs), definition.output, params, checkpoint, when)
+        nodes[name] = Node(name, key == "stage", kind, list(inputs), definition.output, params, checkpoint, when)
 
     order = _check_graph(nodes, raw_nodes, errors)
     if order is not None:
@@ -477,12 +473,12 @@ def _check_types(nodes: dict[str, Node], order: list[str], errors: _Errors) -> N
     types = {IMAGE: IMAGE}
     for name in order:
         node = nodes[name]
-        definition = (STAGES if node.is_model else OPS)[node.type]
+        definition = (STAGE_NODES if node.is_model else OPS)[node.kind]
         roles = definition.inputs
         required = sum(not r.optional for r in roles)
         if not required <= len(node.inputs) <= len(roles):
             names = ", ".join(r.name + ("?" if r.optional else "") for r in roles)
-            errors.add(f"nodes.{name}.inputs", f"{node.type} takes {required}"
+            errors.add(f"nodes.{name}.inputs", f"{node.kind} takes {required}"
                        + (f" to {len(roles)}" if len(roles) != required else "") + f" input(s), got {len(node.inputs)}",
                        f"inputs are [{names}]")
         for i, (role, src) in enumerate(zip(roles, node.inputs)):
@@ -491,14 +487,14 @@ def _check_types(nodes: dict[str, Node], order: list[str], errors: _Errors) -> N
                 continue  # already reported (unknown input)
             if have not in role.types:
                 errors.add(f"nodes.{name}.inputs[{i}]", f"'{src}' gives {have}, but input '{role.name}' of "
-                           f"{node.type} needs {' or '.join(role.types)}",
+                           f"{node.kind} needs {' or '.join(role.types)}",
                            f"connect a node that outputs {' or '.join(role.types)}")
-        if node.is_model and node.type == "mapper" and node.inputs and node.inputs[0] in nodes:
+        if node.is_model and node.kind == "mapper" and node.inputs and node.inputs[0] in nodes:
             source = nodes[node.inputs[0]]
             if not source.is_model:
                 errors.add(f"nodes.{name}.inputs[0]", f"'{source.name}' is an op; a mapper decodes the encoder "
                            "of a classifier or regressor node", "name the classifier or regressor node")
-            node.output = "lungmap" if source.type == "regressor" else "map"
+            node.output = "lungmap" if source.kind == "regressor" else "map"
         if node.when is not None and node.when in nodes and types.get(node.when) != "bool":
             errors.add(f"nodes.{name}.when", f"'{node.when}' is not a gate (it gives {types.get(node.when)})",
                        "name an `op: gate` node")

@@ -22,7 +22,7 @@ import numpy as np
 
 from pneumomap.infer import artifacts as art
 from pneumomap.infer.inputs import ImageSize, Item, RunError, list_items
-from pneumomap.infer.ops import OPS, Lungs
+from pneumomap.infer.ops import OPS, LungRegions
 from pneumomap.infer.spec import IMAGE, Node, Pipeline
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ SCALAR_OUTPUTS = ("probability", "extent")  # model outputs that are one number 
 
 def evaluate_op(node: Node, values: dict[str, Any]) -> Any:
     """One op node on one image's values."""
-    return OPS[node.type].fn(*(values[i] for i in node.inputs), **node.params)
+    return OPS[node.kind].fn(*(values[i] for i in node.inputs), **node.params)
 
 
 def postprocess(pipeline: Pipeline, stored: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def node_value(node: Node, stored: np.ndarray, thresholds: dict[str, float]) -> 
     if node.output == "lungs":
         from pneumomap.stages import lung_geometry
 
-        return Lungs(lung_geometry.split_lungs(value, thresholds[node.name]))
+        return LungRegions(lung_geometry.split_lungs(value, thresholds[node.name]))
     return value
 
 

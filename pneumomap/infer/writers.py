@@ -153,9 +153,9 @@ def probability_inputs(pipeline: Pipeline) -> tuple[str, str]:
     from pneumomap.infer.ops import OPS
 
     node = pipeline.nodes[pipeline.outputs.map]
-    roles = OPS[node.type].inputs if not node.is_model else ()
+    roles = OPS[node.kind].inputs if not node.is_model else ()
     if len(roles) < 2 or roles[0].types != ("fullmap",) or roles[1].types != ("lungs",):
-        raise ValueError(f"outputs.map: the node '{node.name}' ({node.type}) does not take (a full-size map, the "
+        raise ValueError(f"outputs.map: the node '{node.name}' ({node.kind}) does not take (a full-size map, the "
                          "lungs), as `clip` does: there is no float map and lung mask to save or ensemble")
     return node.inputs[0], node.inputs[1]
 

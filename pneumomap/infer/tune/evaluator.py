@@ -74,7 +74,7 @@ class LRU:
 
 
 def _nbytes(value: Any) -> int:
-    """Memory of a memoised value: an array's bytes (a tuple's: its arrays'), a `Lungs` by its masks."""
+    """Memory of a memoised value: an array's bytes (a tuple's: its arrays'), a `LungRegions` by its masks."""
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, tuple):
@@ -89,7 +89,7 @@ def params_keys(pipeline: Pipeline) -> dict[str, Any]:
     (`ops.NodeDef.selected_by`), one form per selectable entry."""
     keys: dict[str, Any] = {}
     for node in pipeline.op_nodes:
-        if OPS[node.type].selected_by is None:
+        if OPS[node.kind].selected_by is None:
             keys[node.name] = json.dumps(node.params, sort_keys=True)
         else:
             keys[node.name] = {name: json.dumps(value, sort_keys=True) for name, value in node.params.items()}
@@ -152,10 +152,10 @@ class _Plan:
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
         own = params_keys(pipeline)
-        self.steps = [_Step(n, None if n.is_model else OPS[n.type], own.get(n.name), tuple(n.inputs), n.is_model,
+        self.steps = [_Step(n, None if n.is_model else OPS[n.kind], own.get(n.name), tuple(n.inputs), n.is_model,
                             n.when, n.output in SCALAR_TYPES) for n in pipeline.nodes.values()]
         self.final = pipeline.nodes[pipeline.outputs.map]
-        self.final_definition = None if self.final.is_model else OPS[self.final.type]
+        self.final_definition = None if self.final.is_model else OPS[self.final.kind]
 
 
 class Evaluator(BaseEvaluator):
@@ -227,7 +227,7 @@ class Evaluator(BaseEvaluator):
         cache_key = (i,) + tuple(keys[s] for s in node.inputs)
         summary = self.summaries.get(cache_key)
         if summary is None:
-            definition = OPS[node.type]
+            definition = OPS[node.kind]
             prob_map = self.value(plan, i, keys, self._summarised(plan, keys, node))
             context_key = (i, "context", prob_map.shape) + tuple(keys[s] for s in node.inputs[1:])
             context = self.contexts.get(context_key)
@@ -244,14 +244,14 @@ class Evaluator(BaseEvaluator):
         """The node whose map the final op's summary reads: its map input, or further up past ops that change
         only pixels outside the same lungs (`ops.NodeDef.keeps_lung_pixels`: mask), pixels the summary never reads
         (`ops.NodeDef.summary_lungs`); the values read, so the summary, are the same, for one pass less."""
-        definition = OPS[node.type]
+        definition = OPS[node.kind]
         name = node.inputs[0]
         if definition.summary_lungs is None:
             return name
         lungs = keys[node.inputs[[r.name for r in definition.inputs].index(definition.summary_lungs)]]
         while not (source := plan.pipeline.nodes[name]).is_model:
-            keeps = OPS[source.type].keeps_lung_pixels
-            roles = [r.name for r in OPS[source.type].inputs]
+            keeps = OPS[source.kind].keeps_lung_pixels
+            roles = [r.name for r in OPS[source.kind].inputs]
             if keeps is None or keys[source.inputs[roles.index(keeps[1])]] != lungs:
                 break
             name = source.inputs[roles.index(keeps[0])]
