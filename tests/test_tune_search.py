@@ -215,11 +215,23 @@ def test_sweep_goes_on_past_an_invalid_value_and_clip_high_may_equal_clip_low():
     assert space.candidates(axes["clip.high"], {"clip": {"low": 215, "high": 245, "outside": 1}})[0] == 215
 
 
+class Drift(Bowl):
+    """The level's target moves on at every sweep, so that every round moves a value: only the number of
+    rounds ends the search."""
+
+    def losses_of(self, candidates, indices=None, progress=None) -> np.ndarray:
+        self.sweeps = getattr(self, "sweeps", 0) + 1
+        self.TARGET = {**Bowl.TARGET, "level": 0.05 * (self.sweeps % 20)}
+        return super().losses_of(candidates, indices, progress)
+
+
 def test_the_search_default_rounds_are_the_command_s():
     import dataclasses
-    import inspect
 
     from pneumomap.infer.tune.options import TuneOptions
 
     rounds = next(f.default for f in dataclasses.fields(TuneOptions) if f.name == "rounds")
-    assert inspect.signature(search.coordinate_descent).parameters["rounds"].default == rounds == 3
+    level = [a for a in AXES if a.name == "level"]
+    drift = Drift()
+    search.coordinate_descent(drift, START, level, progress=False)
+    assert drift.sweeps == 1 + rounds == 4  # the start's metric, then one sweep per round: 3 rounds
