@@ -68,7 +68,7 @@ def main() -> None:
         f"model.encoder={args.encoder}", f"model.input_size=[{args.size}, {args.size}]",
         "model.decoder_channels=[128, 64, 32, 16, 16]", f"epochs={args.epochs}", "batch_size=4",
         "lr=1e-3", "rotate=15", "hflip=true", "workers=0"])
-    torch.manual_seed(recipe["seed"])
+    torch.manual_seed(recipe.seed)
     task = make_task("lungs", recipe)
     train_set, val_set = lung_datasets(train_pairs, held_out, task.spec, recipe, task.input_size)
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from pneumomap.train import cache, datasets, recipes
 from pneumomap.train.cli import train
 
 RECIPE = {"train_split": "train", "val_split": "val", "max_images": None, "rotate": 0, "hflip": False,
-          "workers": 0, "target": "binary"}
+          "workers": 0}
 SIZES = {"classifier": (64, 64), "regressor_right": (64, 40), "mapper_whole": (64, 64), "mapper_left": (64, 40),
          "lungs": (64, 64)}
 
@@ -52,7 +52,8 @@ def build(stage: str, data: Path, cache_dir: Path | None, size=None, **recipe):
     spec = recipes.STAGES[stage]
     size = size or SIZES[stage]
     maker = datasets.rsna_lung_datasets if spec.kind == "lungs" else datasets.rsna_datasets
-    return maker(data, spec, {**RECIPE, **recipe}, size, cache_dir)
+    base = recipes.resolve(stage, "tiny", ["encoder_from=x"] if spec.kind == "mapper" else [])
+    return maker(data, spec, base.replace(**{**RECIPE, **recipe}), size, cache_dir)
 
 
 def n_images(data: Path) -> int:

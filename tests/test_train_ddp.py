@@ -33,7 +33,7 @@ def worker(data: str, out: str) -> None:
                                                     "model.input_size=[64, 64]", "hflip=true"])
     device = torch.device("cpu")
     assert ddp.setup(device) and ddp.world_size() == 2
-    torch.manual_seed(recipe["seed"] + ddp.rank())  # different initial weights: DDP must make them agree
+    torch.manual_seed(recipe.seed + ddp.rank())  # different initial weights: DDP must make them agree
     task = make_task("classifier", recipe)
     train_set, val_set = rsna_datasets(data, task.spec, recipe, task.input_size)
     fit(task, train_set, val_set, recipe, out, device)

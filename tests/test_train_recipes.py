@@ -1,6 +1,8 @@
 """Training recipes, --set overrides, the LR schedule, losses and the flip that swaps sides (no training here)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -27,9 +29,9 @@ def test_reference_recipes_follow_the_design_table():
 def test_set_overrides_apply_with_types():
     r = recipes.resolve("classifier", "tiny", ["epochs=3", "lr=1e-3", "hflip=true", "model.backbones=[resnet10t]",
                                                "class_weights=[1, 3]", "max_images=null"])
-    assert r["epochs"] == 3 and r["lr"] == 1e-3 and r["hflip"] is True
-    assert r["model"]["backbones"] == ["resnet10t"] and r["model"]["input_size"] == [128, 128]
-    assert r["class_weights"] == [1, 3] and r["max_images"] is None
+    assert r.epochs == 3 and r.lr == 1e-3 and r.hflip is True
+    assert r.model["backbones"] == ["resnet10t"] and r.model["input_size"] == [128, 128]
+    assert r.class_weights == [1, 3] and r.max_images is None
 
 
 def test_unknown_keys_fail_with_the_closest_name():
@@ -49,6 +51,46 @@ def test_unknown_keys_fail_with_the_closest_name():
         recipes.stage_spec("clasifier")
     with pytest.raises(recipes.RecipeError, match="encoder_from"):
         recipes.resolve("mapper_whole", None, [])
+
+
+def test_recipe_dataclass_round_trips_the_recipe_files():
+    """`Recipe` defaults are common.yaml's; to_dict gives each stage's keys in the files' order, so
+    recipe.yaml stays the YAML of the layered files; keys and values are checked when a Recipe is built."""
+    import dataclasses
+
+    import yaml
+
+    common = yaml.safe_load((recipes.RECIPE_DIR / "common.yaml").read_text())
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(recipes.Recipe)}
+    assert {k: defaults[k] for k in common} == common
+    for stage in recipes.STAGES:
+        layered = recipes.defaults(stage)
+        if stage.startswith("mapper"):
+            layered["encoder_from"] = "x"
+        recipe = recipes.Recipe.from_dict(stage, layered)
+        assert list(recipe.to_dict().items()) == list(layered.items())
+        assert recipes.dump(recipe) == yaml.safe_dump(layered, sort_keys=False)
+    layered = recipes.defaults("classifier")
+    layered.update(yaml.safe_load(recipes.recipe_path("classifier", "tiny").read_text()), epochs=3, lr=1)
+    assert recipes.dump(recipes.resolve("classifier", "tiny", ["epochs=3", "lr=1"])) == yaml.safe_dump(layered,
+                                                                                                     sort_keys=False)
+    with pytest.raises(recipes.RecipeError, match=r"recipe: unknown recipe key 'epoch'.*did you mean 'epochs'"):
+        recipes.Recipe.from_dict("lungs", {"epoch": 3})
+    with pytest.raises(recipes.RecipeError, match="unknown recipe key 'target'"):
+        recipes.Recipe.from_dict("lungs", {"target": "binary"})
+    recipe = recipes.Recipe("lungs")
+    assert recipe.target is None and "target" not in recipe.to_dict() and recipe.epochs == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.lr = 1.0
+    with pytest.raises(recipes.RecipeError, match="'epochs': expected a positive integer"):
+        recipe.replace(epochs=0)
+    for key, value, message in (("hflip", 1, "true or false"), ("workers", -1, "integer >= 0"),
+                                ("max_images", 2.5, "integer >= 0"), ("train_split", None, "text"),
+                                ("encoder_from", 3, "text")):
+        with pytest.raises(recipes.RecipeError, match=f"recipe key '{key}': expected (an? )?{message}"):
+            recipes.resolve("lungs", None, [f"{key}={'null' if value is None else value}"])
+    assert recipes.resolve("lungs", None, ["max_images=null", "cache_dir=null"]).max_images is None
 
 
 def test_unknown_key_in_a_recipe_file(tmp_path):
@@ -77,7 +119,8 @@ def test_schedule_decays_by_the_factor_per_epoch_smoothly():
     assert lr_factor(2.5, 0.5, "constant") == 1.0
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = make_scheduler(opt, {"lr": 1e-3, "min_lr": 0.0, "lr_decay": 0.5, "schedule": "cosine"}, steps_per_epoch=4)
+    recipe = recipes.Recipe("lungs", lr=1e-3, min_lr=0.0, lr_decay=0.5, schedule="cosine")
+    sched = make_scheduler(opt, recipe, steps_per_epoch=4)
     for _ in range(8):
         opt.step()
         sched.step()
@@ -125,7 +168,7 @@ def test_losses():
     mask[..., 2:6, 2:6] = 1
     assert Dice()(mask * 20 - 10, mask) < 0.01
     with pytest.raises(ValueError, match="does not fit"):
-        make_loss({"loss": "ce", "target": "binary"})
+        make_loss(SimpleNamespace(loss="ce", target="binary", focal_gamma=2.0, class_weights=None))  # unchecked
 
 
 def test_flip_swaps_the_side_targets_and_mirrors_the_arrays():
@@ -198,12 +241,12 @@ def test_model_keys_are_checked_with_the_closest_name(capsys):
 def test_three_class_takes_the_loss_that_fits(capsys):
     """`--set target=three_class` alone trains with cross-entropy; a loss that does not fit is one line."""
     recipe = recipes.resolve("classifier", None, ["target=three_class"])
-    assert recipe["loss"] == "ce"
+    assert recipe.loss == "ce"
     from pneumomap.train.losses import MultiClassLoss
 
     assert isinstance(make_loss(recipe), MultiClassLoss)
-    assert recipes.resolve("classifier", None, ["target=three_class", "loss=focal"])["loss"] == "focal"
-    assert recipes.resolve("classifier", None, [])["loss"] == "bce"
+    assert recipes.resolve("classifier", None, ["target=three_class", "loss=focal"]).loss == "focal"
+    assert recipes.resolve("classifier", None, []).loss == "bce"
     with pytest.raises(recipes.RecipeError, match=r"'loss': 'bce' does not fit target 'three_class'; use ce \| focal"):
         recipes.resolve("classifier", None, ["target=three_class", "loss=bce"])
     with pytest.raises(recipes.RecipeError, match=r"'loss': 'ce' does not fit target 'binary'"):

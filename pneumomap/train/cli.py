@@ -32,7 +32,7 @@ import json
 import sys
 from pathlib import Path
 
-from pneumomap.train.recipes import STAGES, RecipeError, resolve
+from pneumomap.train.recipes import STAGES, Recipe, RecipeError, resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "given the same folder share the inputs they have in common; delete it to clear it")
 
 
-def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: bool = False,
+def train(stage: str, data: str | Path, out: str | Path, recipe: Recipe, resume: bool = False,
           device: str = "auto") -> dict:
     """Build the stage, its datasets and train it (see `pneumomap.train.loop.fit`); returns the summary."""
     import torch
@@ -63,7 +63,7 @@ def train(stage: str, data: str | Path, out: str | Path, recipe: dict, resume: b
     torch_device = resolve_device(device)
     ddp.setup(torch_device)
     try:
-        torch.manual_seed(recipe["seed"])
+        torch.manual_seed(recipe.seed)
         task = make_task(stage, recipe)
         train_set, val_set = task.datasets(data, cache_folder(recipe, out))
         return fit(task, train_set, val_set, recipe, out, torch_device, resume)
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         recipe = resolve(args.stage, args.recipe, args.overrides)
         if args.cache:
-            recipe["cache_dir"] = args.cache
+            recipe = recipe.replace(cache_dir=args.cache)
         summary = train(args.stage, args.data, args.out, recipe, args.resume, args.device)
     except (RecipeError, ConfigError, LabelError) as exc:  # a recipe, config or label folder that cannot be used
         print(f"pneumomap train: error: {exc}", file=sys.stderr)

@@ -32,7 +32,7 @@ from pneumomap.stages.preprocess import resize, to_model_input
 from pneumomap.stages.reader import UnreadableImageError, read_image
 from pneumomap.train import augment
 from pneumomap.train.cache import Field, Rows, SampleCache, file_signature
-from pneumomap.train.recipes import StageSpec, target_of
+from pneumomap.train.recipes import Recipe, StageSpec, target_of
 
 log = logging.getLogger(__name__)
 
@@ -331,38 +331,38 @@ def describe_lung_masks(counts: dict[str, int] | None) -> str:
 
 # ---------------------------------------------------------------- building the datasets of a run
 
-def cache_folder(recipe: dict, out: str | Path) -> Path | None:
+def cache_folder(recipe: Recipe, out: str | Path) -> Path | None:
     """Where a run keeps its prepared samples: the recipe's ``cache_dir`` (``--cache``), else OUT/cache;
     None when the recipe turns the cache off."""
-    if not recipe["cache"]:
+    if not recipe.cache:
         return None
-    return Path(recipe["cache_dir"]) if recipe.get("cache_dir") else Path(out) / "cache"
+    return Path(recipe.cache_dir) if recipe.cache_dir else Path(out) / "cache"
 
 
-def _limit(keys: list, recipe: dict) -> list:
-    return keys[: recipe["max_images"]] if recipe.get("max_images") else keys
+def _limit(keys: list, recipe: Recipe) -> list:
+    return keys[: recipe.max_images] if recipe.max_images else keys
 
 
-def _splits(data: rsna.RsnaDataset, recipe: dict) -> tuple[list[str], list[str]]:
-    return _limit(data.ids_in(recipe["train_split"]), recipe), _limit(data.ids_in(recipe["val_split"]), recipe)
+def _splits(data: rsna.RsnaDataset, recipe: Recipe) -> tuple[list[str], list[str]]:
+    return _limit(data.ids_in(recipe.train_split), recipe), _limit(data.ids_in(recipe.val_split), recipe)
 
 
-def rsna_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size: Size,
+def rsna_datasets(data_dir: str | Path, spec: StageSpec, recipe: Recipe, size: Size,
                   cache_dir: str | Path | None = None) -> tuple[StageDataset, StageDataset]:
     """(train, val) datasets of a classifier / regressor / mapper stage, split by patient (split.csv).
 
     Stages that take lung masks need one (drawn or predicted) for every image of both splits."""
     data = rsna.load_rsna(data_dir)
-    preparer = RSNA_PREPARERS[spec.kind, spec.region](data, size, recipe.get("target", "binary"))
+    preparer = RSNA_PREPARERS[spec.kind, spec.region](data, size, recipe.target or "binary")
     train_ids, val_ids = _splits(data, recipe)
     masks = [None, None]
     if preparer.uses_mask:
-        masks = [data.require_lung_masks(ids, f" in split {recipe[f'{name}_split']!r}")
-                 for name, ids in (("train", train_ids), ("val", val_ids))]
+        masks = [data.require_lung_masks(ids, f" in split {split!r}")
+                 for split, ids in ((recipe.train_split, train_ids), (recipe.val_split, val_ids))]
     return _pair(preparer, train_ids, val_ids, spec, recipe, str(data_dir), cache_dir, masks)
 
 
-def rsna_lung_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size: Size,
+def rsna_lung_datasets(data_dir: str | Path, spec: StageSpec, recipe: Recipe, size: Size,
                        cache_dir: str | Path | None = None) -> tuple[StageDataset, StageDataset]:
     """(train, val) lung-segmentation datasets of an RSNA folder: the images with a drawn mask (lung_masks/),
     whichever others there are left out (predicted masks never train the lung stage)."""
@@ -376,23 +376,23 @@ def rsna_lung_datasets(data_dir: str | Path, spec: StageSpec, recipe: dict, size
                  cache_dir, masks)
 
 
-def lung_datasets(train_pairs: list, val_pairs: list, spec: StageSpec, recipe: dict, size: Size,
+def lung_datasets(train_pairs: list, val_pairs: list, spec: StageSpec, recipe: Recipe, size: Size,
                   cache_dir: str | Path | None = None) -> tuple[StageDataset, StageDataset]:
     """(train, val) lung-segmentation datasets from (image path, mask path) pairs."""
     return _pair(LungsPreparer(size), _limit(train_pairs, recipe), _limit(val_pairs, recipe), spec, recipe, "lungs",
                  cache_dir, [None, None])
 
 
-def _pair(preparer: Preparer, train_keys: list, val_keys: list, spec: StageSpec, recipe: dict, where: str,
+def _pair(preparer: Preparer, train_keys: list, val_keys: list, spec: StageSpec, recipe: Recipe, where: str,
           cache_dir: str | Path | None, masks: list) -> tuple[StageDataset, StageDataset]:
-    for name, keys in (("train", train_keys), ("val", val_keys)):
+    for split, keys in ((recipe.train_split, train_keys), (recipe.val_split, val_keys)):
         if not keys:
-            raise ValueError(f"{where}: no images in split '{recipe[f'{name}_split']}' (see split.csv)")
-    aug = Augment(rotate=float(recipe["rotate"]), hflip=bool(recipe["hflip"]))
+            raise ValueError(f"{where}: no images in split '{split}' (see split.csv)")
+    aug = Augment(rotate=float(recipe.rotate), hflip=bool(recipe.hflip))
     cache = SampleCache(cache_dir, preparer.fields()) if cache_dir is not None else None
     built: list = [None, None]
     if cache is not None:
-        every = cache.build(train_keys + val_keys, preparer, recipe["workers"], f"caching {spec.kind} samples")
+        every = cache.build(train_keys + val_keys, preparer, recipe.workers, f"caching {spec.kind} samples")
         built = [every[: len(train_keys)], every[len(train_keys):]]
     train = StageDataset(train_keys, preparer, spec.side, aug, cache, built[0], masks[0])
     val = StageDataset(val_keys, preparer, spec.side, None, cache, built[1], masks[1])

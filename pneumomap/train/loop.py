@@ -26,7 +26,7 @@ from pneumomap.device import autocast, pin_memory, to_device
 from pneumomap.fileio import atomic_write_text
 from pneumomap.train import ddp, history
 from pneumomap.train.datasets import StageDataset, collate, describe_lung_masks, lung_mask_counts
-from pneumomap.train.recipes import dump
+from pneumomap.train.recipes import Recipe, dump
 from pneumomap.train.schedule import make_scheduler
 from pneumomap.train.tasks import Task, trainable_parameters
 
@@ -75,27 +75,28 @@ def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
     return value > best if higher_is_better else value < best
 
 
-def make_loader(dataset: StageDataset, recipe: dict, device: torch.device, train: bool) -> DataLoader:
+def make_loader(dataset: StageDataset, recipe: Recipe, device: torch.device, train: bool) -> DataLoader:
     """Batches of a dataset; cached data on the CPU is augmented in the main process (no worker start-up)."""
-    workers = 0 if dataset.cached is not None and device.type == "cpu" else recipe["workers"]
-    sampler = ddp.sampler(dataset, shuffle=train, seed=recipe["seed"])
+    workers = 0 if dataset.cached is not None and device.type == "cpu" else recipe.workers
+    sampler = ddp.sampler(dataset, shuffle=train, seed=recipe.seed)
     local = math.ceil(len(dataset) / ddp.world_size())
-    return DataLoader(dataset, batch_size=recipe["batch_size"], shuffle=train and sampler is None, sampler=sampler,
+    return DataLoader(dataset, batch_size=recipe.batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, collate_fn=collate, pin_memory=pin_memory(device),
-                      drop_last=train and local % recipe["batch_size"] == 1 and local > 1)
+                      drop_last=train and local % recipe.batch_size == 1 and local > 1)
 
 
-def _epoch_seed(recipe: dict, epoch: int) -> None:
+def _epoch_seed(recipe: Recipe, epoch: int) -> None:
     """Shuffling and augmentation of epoch ``epoch`` depend on (seed, epoch, rank) only: resumable."""
-    torch.manual_seed(recipe["seed"] * 1000003 + epoch * 101 + ddp.rank())
+    torch.manual_seed(recipe.seed * 1000003 + epoch * 101 + ddp.rank())
 
 
 # ---------------------------------------------------------------- one epoch
 
-def train_epoch(task: Task, net, loader, optimizer, scheduler, scaler, device, recipe, desc: str) -> tuple[float, int]:
+def train_epoch(task: Task, net, loader, optimizer, scheduler, scaler, device, recipe: Recipe,
+                desc: str) -> tuple[float, int]:
     """One pass over the training data; returns (mean loss over this rank's samples, skipped images)."""
     task.set_train_mode(True)
-    accumulate, channels_last = recipe["accumulate"], recipe["channels_last"] and device.type == "cuda"
+    accumulate, channels_last = recipe.accumulate, recipe.channels_last and device.type == "cuda"
     total, count, skipped = 0.0, 0, 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=desc, leave=False, disable=not ddp.is_main())
@@ -108,7 +109,7 @@ def train_epoch(task: Task, net, loader, optimizer, scheduler, scaler, device, r
         sync = (step + 1) % accumulate == 0 or step + 1 == len(loader)
         no_sync = net.no_sync() if (not sync and hasattr(net, "no_sync")) else contextlib.nullcontext()
         with no_sync:
-            with autocast(device, recipe["amp"]):
+            with autocast(device, recipe.amp):
                 loss = task.loss(task.outputs(net, images), target)
             scaler.scale(loss / accumulate).backward()
         if sync:
@@ -123,10 +124,10 @@ def train_epoch(task: Task, net, loader, optimizer, scheduler, scaler, device, r
 
 
 @torch.no_grad()
-def evaluate(task: Task, loader, device, recipe) -> dict:
+def evaluate(task: Task, loader, device, recipe: Recipe) -> dict:
     """Validation loss and the stage metrics, over every rank's share (gathered, duplicates removed)."""
     task.set_train_mode(False)
-    channels_last = recipe["channels_last"] and device.type == "cuda"
+    channels_last = recipe.channels_last and device.type == "cuda"
     total, count = 0.0, 0
     parts: dict[str, list[torch.Tensor]] = {"index": []}
     skipped = 0
@@ -136,7 +137,7 @@ def evaluate(task: Task, loader, device, recipe) -> dict:
             continue
         images = to_device(batch["image"], device, channels_last)
         target = to_device(batch["target"], device, channels_last=False)
-        with autocast(device, recipe["amp"]):
+        with autocast(device, recipe.amp):
             outputs = task.outputs(task.model, images)
             loss = task.loss(outputs, target)
         total += float(loss) * len(images)
@@ -152,19 +153,19 @@ def evaluate(task: Task, loader, device, recipe) -> dict:
 
 # ---------------------------------------------------------------- the run
 
-def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict, out: str | Path,
+def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: Recipe, out: str | Path,
         device: torch.device, resume: bool = False) -> dict:
     """Train ``task.model``; write OUT/best, OUT/last, history and the curve; returns a summary."""
     out = Path(out)
     model = task.model.to(device)
-    if recipe["channels_last"] and device.type == "cuda":
+    if recipe.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     train_loader = make_loader(train_set, recipe, device, train=True)
     val_loader = make_loader(val_set, recipe, device, train=False)
-    scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_loader) / recipe["accumulate"]))
-    scaler = torch.amp.GradScaler(device.type, enabled=recipe["amp"] and device.type == "cuda")
+    scheduler = make_scheduler(optimizer, recipe, math.ceil(len(train_loader) / recipe.accumulate))
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp and device.type == "cuda")
     spec = task.spec
     state = {"epoch": 0, "best": None, "best_epoch": None, "stale": 0, "history": []}
     if resume:
@@ -184,14 +185,14 @@ def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict
                    f"{sum(p.numel() for p in params):,} trainable parameters, device {device}, "
                    f"{ddp.world_size()} process(es)" + (f"; {describe_lung_masks(masks)}" if masks else ""))
     skipped_at_start = train_set.skipped + val_set.skipped
-    for epoch in range(state["epoch"], recipe["epochs"]):
+    for epoch in range(state["epoch"], recipe.epochs):
         started = time.perf_counter()
         _epoch_seed(recipe, epoch)
         if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, skipped = train_epoch(task, net, train_loader, optimizer, scheduler, scaler, device, recipe,
-                                          desc=f"epoch {epoch + 1}/{recipe['epochs']}")
+                                          desc=f"epoch {epoch + 1}/{recipe.epochs}")
         ddp.sync_buffers(model)
         val = evaluate(task, val_loader, device, recipe)
         skipped += skipped_at_start + val.pop("skipped")
@@ -215,7 +216,7 @@ def fit(task: Task, train_set: StageDataset, val_set: StageDataset, recipe: dict
                                                   "scaler": scaler.state_dict(), **state})
             history.write(out, state["history"])
         ddp.barrier()
-        if ddp.broadcast_flag(bool(recipe["patience"]) and state["stale"] >= recipe["patience"]):
+        if ddp.broadcast_flag(bool(recipe.patience) and state["stale"] >= recipe.patience):
             if ddp.is_main():
                 tqdm.write(f"early stopping: no better val_{spec.metric} for {state['stale']} epochs")
             break

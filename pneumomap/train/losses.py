@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumomap.train.recipes import target_of
+from pneumomap.train.recipes import Recipe, target_of
 
 
 class BinaryLoss(nn.Module):
@@ -69,19 +69,19 @@ class Dice(nn.Module):
         return self.dice(logits.float(), target.float())
 
 
-def make_loss(recipe: dict) -> nn.Module:
+def make_loss(recipe: Recipe) -> nn.Module:
     """The recipe's ``loss`` (+ ``class_weights``, ``focal_gamma``, ``target``) as a module."""
-    name = recipe["loss"]
-    target = target_of(recipe.get("target"))
+    name = recipe.loss
+    target = target_of(recipe.target)
     multi_class = target is not None and target.detailed
-    gamma = float(recipe.get("focal_gamma") or 0.0) if name == "focal" else 0.0
+    gamma = float(recipe.focal_gamma or 0.0) if name == "focal" else 0.0
     if name in ("bce", "focal") and not multi_class:
-        return BinaryLoss(recipe.get("class_weights"), gamma)
+        return BinaryLoss(recipe.class_weights, gamma)
     if name in ("ce", "focal") and multi_class:
-        return MultiClassLoss(recipe.get("class_weights"), gamma)
+        return MultiClassLoss(recipe.class_weights, gamma)
     if name == "mse_mae":
         return MseMae()
     if name == "dice":
         return Dice()
-    raise ValueError(f"recipe key 'loss': {name!r} does not fit target {recipe.get('target', 'mask')!r} "
+    raise ValueError(f"recipe key 'loss': {name!r} does not fit target {recipe.target or 'mask'!r} "
                      "(binary: bce | focal; three_class: ce | focal; regressors: mse_mae; masks: dice)")

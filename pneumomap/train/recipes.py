@@ -6,11 +6,13 @@ table) <- ``--recipe FILE`` (or a named recipe such as ``tiny`` = ``recipes/tiny
 ``model.*`` keys included (the fields of the stage's config, e.g. ``model.backbones``).
 The loss follows the classifier's target unless set: ``target=three_class`` alone takes ``ce``;
 a loss that does not fit the target or the stage is an error.
+The result is a `Recipe`, a frozen dataclass checked when built; its `to_dict` is the run's recipe.yaml.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -120,8 +122,8 @@ def parse_set(items: list[str]) -> dict:
         raise RecipeError(str(exc)) from None
 
 
-def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None = None) -> dict:
-    """The full recipe of a training run; raises RecipeError naming a bad key or value."""
+def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None = None) -> "Recipe":
+    """The full `Recipe` of a training run; raises RecipeError naming a bad key or value."""
     resolved = defaults(stage)
     given: set[str] = set()  # top-level keys set by the user (recipe file or --set)
     if recipe:
@@ -135,8 +137,7 @@ def resolve(stage: str, recipe: str | None = None, overrides: list[str] | None =
     target = target_of(resolved.get("target"))
     if "loss" not in given and target is not None:
         resolved["loss"] = target.losses[0]  # the loss that fits the target
-    validate(stage, resolved)
-    return resolved
+    return Recipe.from_dict(stage, resolved)
 
 
 _CHOICES = {
@@ -146,6 +147,9 @@ _CHOICES = {
     "cache": (True, False),
 }
 _POSITIVE = ("epochs", "batch_size", "accumulate")
+_FLAGS = ("hflip", "amp", "channels_last")        # true | false
+_COUNTS = ("seed", "patience", "workers")         # integers >= 0; max_images too, or null
+_TEXTS = ("train_split", "val_split")             # split.csv values; cache_dir and encoder_from too, or null
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ def target_of(name: str | None) -> Target | None:
     return TARGETS.get(name)
 
 
-def model_config(stage: str, recipe: dict) -> dict:
+def model_config(stage: str, recipe: "Recipe") -> dict:
     """The stage config a recipe builds (``model`` plus what the stage and target imply: a regressor's
     side, a three-class classifier's classes; `pneumomap.train.tasks.Task.model_config` of its kind).
     Mappers: the overrides of `Mapper.from_source`."""
@@ -172,37 +176,121 @@ def model_config(stage: str, recipe: dict) -> dict:
     return task_class(stage_spec(stage).kind).model_config(stage, recipe)
 
 
-def check_model_keys(stage: str, recipe: dict) -> None:
+def check_model_keys(stage: str, recipe: "Recipe") -> None:
     """``model.*``: known fields of the stage config (closest name suggested)."""
-    import dataclasses
-
     from pneumomap.stages.base import stage_class
 
     spec = stage_spec(stage)
     fields = [f.name for f in dataclasses.fields(stage_class(spec.kind).config_class)]
-    for key in recipe["model"]:
+    for key in recipe.model:
         if key not in fields:
             raise RecipeError(f"unknown recipe key 'model.{key}'{_closest(f'model.{key}', [f'model.{f}' for f in fields])}; "
                               f"the {spec.kind} config's keys: {', '.join(fields)}")
 
 
-def validate(stage: str, recipe: dict) -> None:
-    """Types and ranges of the recipe values; errors name the key and the accepted values."""
-    for key, choices in _CHOICES.items():
-        if key in recipe and recipe[key] not in choices:
-            raise RecipeError(f"recipe key '{key}': {recipe[key]!r} is not one of {', '.join(map(str, choices))}")
-    for key in _POSITIVE:
-        if not isinstance(recipe[key], int) or recipe[key] < 1:
-            raise RecipeError(f"recipe key '{key}': expected a positive integer, got {recipe[key]!r}")
-    for key in ("lr", "weight_decay", "lr_decay", "min_lr", "rotate"):
-        if not isinstance(recipe[key], (int, float)) or recipe[key] < 0:
-            raise RecipeError(f"recipe key '{key}': expected a number >= 0, got {recipe[key]!r}")
-    if not isinstance(recipe["model"], dict):
-        raise RecipeError(f"recipe key 'model': expected a mapping of stage config keys, got {recipe['model']!r}")
-    from pneumomap.train.tasks import task_class
-
-    task_class(stage_spec(stage).kind).check_recipe(stage, recipe)  # model keys and values, loss: per kind
+def dump(recipe: "Recipe") -> str:
+    """The recipe.yaml text of a run (the keys of its stage, in the order of the recipe files)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
-def dump(recipe: dict) -> str:
-    return yaml.safe_dump(recipe, sort_keys=False)
+def _only(*kinds: str) -> dict:
+    """Field metadata: a recipe key that only stages of ``kinds`` have (e.g. the classifier's ``target``)."""
+    return {"kinds": kinds}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The resolved recipe of one training stage (``stage``, a name of `STAGES`); checked when built.
+
+    The defaults are those of recipes/common.yaml (a test keeps them equal); keys marked `_only` exist
+    for the named stage kinds alone. `to_dict` gives the recipe.yaml mapping, `from_dict` reads one."""
+
+    stage: str
+    model: dict = field(default_factory=dict)  # stage config keys (`model_config`)
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1.0e-4
+    weight_decay: float = 1.0e-2
+    schedule: str = "cosine"
+    lr_decay: float = 1.0
+    min_lr: float = 0.0
+    loss: str = "dice"
+    rotate: float = 15
+    hflip: bool = False
+    accumulate: int = 1
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    patience: int = 0
+    workers: int = 2
+    cache: bool = True
+    cache_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    max_images: int | None = None
+    encoder_from: str | None = None
+    target: str | None = field(default=None, metadata=_only("classifier"))
+    focal_gamma: float = field(default=2.0, metadata=_only("classifier"))
+    class_weights: list | None = field(default=None, metadata=_only("classifier"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def keys_of(cls, stage: str) -> list[str]:
+        """The recipe keys of ``stage``, in recipe.yaml order."""
+        kind = stage_spec(stage).kind
+        return [f.name for f in dataclasses.fields(cls)
+                if f.name != "stage" and kind in f.metadata.get("kinds", (kind,))]
+
+    def keys(self) -> list[str]:
+        return self.keys_of(self.stage)
+
+    def to_dict(self) -> dict:
+        """The recipe.yaml mapping: this stage's keys and their values."""
+        return {key: getattr(self, key) for key in self.keys()}
+
+    @classmethod
+    def from_dict(cls, stage: str, data: dict, where: str = "recipe") -> "Recipe":
+        """A recipe of ``stage`` from a mapping; unknown keys fail with the closest name, values are checked."""
+        keys = cls.keys_of(stage)
+        for key in data:
+            if key not in keys:
+                raise RecipeError(f"{where}: unknown recipe key '{key}'{_closest(key, keys)}")
+        return cls(stage, **data)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with some keys changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Types and ranges of the values; errors name the key and the accepted values."""
+        present = self.keys()
+        for key, choices in _CHOICES.items():
+            if key in present and getattr(self, key) not in choices:
+                raise RecipeError(f"recipe key '{key}': {getattr(self, key)!r} is not one of "
+                                  f"{', '.join(map(str, choices))}")
+        for key in _POSITIVE:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise RecipeError(f"recipe key '{key}': expected a positive integer, got {value!r}")
+        for key in ("lr", "weight_decay", "lr_decay", "min_lr", "rotate"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise RecipeError(f"recipe key '{key}': expected a number >= 0, got {value!r}")
+        for key in _FLAGS:
+            if not isinstance(getattr(self, key), bool):
+                raise RecipeError(f"recipe key '{key}': expected true or false, got {getattr(self, key)!r}")
+        for key in (*_COUNTS, "max_images"):
+            value = getattr(self, key)
+            if not (value is None and key == "max_images") and (type(value) is not int or value < 0):
+                raise RecipeError(f"recipe key '{key}': expected an integer >= 0, got {value!r}")
+        for key in (*_TEXTS, "cache_dir", "encoder_from"):
+            value = getattr(self, key)
+            if not isinstance(value, str) and not (value is None and key not in _TEXTS):
+                raise RecipeError(f"recipe key '{key}': expected a text value, got {value!r}")
+        if not isinstance(self.model, dict):
+            raise RecipeError(f"recipe key 'model': expected a mapping of stage config keys, got {self.model!r}")
+        from pneumomap.train.tasks import task_class
+
+        task_class(stage_spec(self.stage).kind).check_recipe(self.stage, self)  # model keys and values, loss

@@ -9,8 +9,12 @@ LR fixed. ``min_lr`` is a floor: ``lr(t) = min_lr + (lr - min_lr) * factor(t)``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from pneumomap.train.recipes import Recipe
 
 
 def lr_factor(epoch_position: float, decay: float, schedule: str = "cosine") -> float:
@@ -23,12 +27,12 @@ def lr_factor(epoch_position: float, decay: float, schedule: str = "cosine") -> 
     return start * (decay + (1.0 - decay) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over optimiser steps; its state_dict (the step count) makes --resume continue it."""
     steps = max(1, steps_per_epoch)
-    floor = recipe["min_lr"] / recipe["lr"] if recipe["lr"] > 0 else 0.0
+    floor = recipe.min_lr / recipe.lr if recipe.lr > 0 else 0.0
 
     def factor(step: int) -> float:
-        return floor + (1.0 - floor) * lr_factor(step / steps, recipe["lr_decay"], recipe["schedule"])
+        return floor + (1.0 - floor) * lr_factor(step / steps, recipe.lr_decay, recipe.schedule)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

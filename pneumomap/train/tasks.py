@@ -19,7 +19,7 @@ from torch import nn
 from pneumomap import metrics
 from pneumomap.stages import create_stage, load_stage
 from pneumomap.train.losses import make_loss
-from pneumomap.train.recipes import RecipeError, StageSpec, check_model_keys, stage_spec, target_of
+from pneumomap.train.recipes import Recipe, RecipeError, StageSpec, check_model_keys, stage_spec, target_of
 
 _TASKS: dict[str, type["Task"]] = {}
 
@@ -39,7 +39,7 @@ def task_class(kind: str) -> type["Task"]:
     return _TASKS[kind]
 
 
-def make_task(stage: str, recipe: dict) -> "Task":
+def make_task(stage: str, recipe: Recipe) -> "Task":
     """The task of training stage ``stage`` (e.g. 'regressor_left') with its resolved ``recipe``."""
     return task_class(stage_spec(stage).kind)(stage, recipe)
 
@@ -52,7 +52,7 @@ class Task:
     kind: ClassVar[str] = ""
     losses: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, stage: str, recipe: dict):
+    def __init__(self, stage: str, recipe: Recipe):
         self.stage, self.recipe = stage, recipe
         self.spec: StageSpec = stage_spec(stage)
         self.model = self.build()
@@ -60,19 +60,19 @@ class Task:
 
     # ---- the recipe (checked before any model exists, by `pneumomap.train.recipes.validate`)
     @classmethod
-    def model_config(cls, stage: str, recipe: dict) -> dict:
+    def model_config(cls, stage: str, recipe: Recipe) -> dict:
         """The stage config the recipe builds: ``model`` plus what the stage and its target imply."""
-        return dict(recipe["model"])
+        return dict(recipe.model)
 
     @classmethod
-    def check_recipe(cls, stage: str, recipe: dict) -> None:
+    def check_recipe(cls, stage: str, recipe: Recipe) -> None:
         """The recipe's ``model`` keys and values and its loss fit this kind; `RecipeError` otherwise."""
         check_model_keys(stage, recipe)
         cls.check_model(stage, recipe)
         cls.check_loss(stage, recipe)
 
     @classmethod
-    def check_model(cls, stage: str, recipe: dict) -> None:
+    def check_model(cls, stage: str, recipe: Recipe) -> None:
         """The config `model_config` gives is valid for the stage kind."""
         from pneumomap.stages.base import ConfigError, make_config
 
@@ -82,9 +82,9 @@ class Task:
             raise RecipeError(f"recipe key {exc}") from None
 
     @classmethod
-    def check_loss(cls, stage: str, recipe: dict) -> None:
-        if recipe["loss"] not in cls.losses:
-            raise RecipeError(f"recipe key 'loss': {recipe['loss']!r} does not fit stage {stage}; use "
+    def check_loss(cls, stage: str, recipe: Recipe) -> None:
+        if recipe.loss not in cls.losses:
+            raise RecipeError(f"recipe key 'loss': {recipe.loss!r} does not fit stage {stage}; use "
                               f"{' | '.join(cls.losses)}")
 
     # ---- model
@@ -129,10 +129,10 @@ class ClassifierTask(Task):
     kind = "classifier"
 
     @classmethod
-    def model_config(cls, stage: str, recipe: dict) -> dict:
+    def model_config(cls, stage: str, recipe: Recipe) -> dict:
         """A multi-class target's classes (``n_classes``, ``class_names``) unless ``model`` sets them."""
-        config = dict(recipe["model"])
-        target = target_of(recipe.get("target"))
+        config = dict(recipe.model)
+        target = target_of(recipe.target)
         if target is not None and target.detailed:
             from pneumomap.labels import CLASSES
 
@@ -141,14 +141,14 @@ class ClassifierTask(Task):
         return config
 
     @classmethod
-    def check_loss(cls, stage: str, recipe: dict) -> None:
+    def check_loss(cls, stage: str, recipe: Recipe) -> None:
         """The loss fits the target (`recipes.TARGETS`); ``class_weights`` has one weight per class."""
-        name = recipe.get("target", "binary")
-        target = target_of(recipe.get("target"))
-        if target is not None and recipe["loss"] not in target.losses:
-            raise RecipeError(f"recipe key 'loss': {recipe['loss']!r} does not fit target {name!r}; use "
+        name = recipe.target or "binary"
+        target = target_of(recipe.target)
+        if target is not None and recipe.loss not in target.losses:
+            raise RecipeError(f"recipe key 'loss': {recipe.loss!r} does not fit target {name!r}; use "
                               f"{' | '.join(target.losses)} (or leave loss unset)")
-        weights = recipe.get("class_weights")
+        weights = recipe.class_weights
         if weights is not None:
             n = 2 if target is not None and not target.detailed else int(cls.model_config(stage, recipe)["n_classes"])
             if not isinstance(weights, list) or len(weights) != n:
@@ -180,9 +180,9 @@ class RegressorTask(Task):
     losses = ("mse_mae",)
 
     @classmethod
-    def model_config(cls, stage: str, recipe: dict) -> dict:
+    def model_config(cls, stage: str, recipe: Recipe) -> dict:
         """The training stage's side unless ``model`` sets one."""
-        config = dict(recipe["model"])
+        config = dict(recipe.model)
         config.setdefault("side", stage_spec(stage).side)
         return config
 
@@ -235,28 +235,28 @@ class MapperTask(MaskTask):
     kind = "mapper"
 
     @classmethod
-    def check_recipe(cls, stage: str, recipe: dict) -> None:
+    def check_recipe(cls, stage: str, recipe: Recipe) -> None:
         """``encoder_from`` is set; the rest of the config comes from it (`Mapper.from_source`)."""
-        if not recipe.get("encoder_from"):
+        if not recipe.encoder_from:
             raise RecipeError(f"stage {stage}: set the borrowed encoder, e.g. "
                               f"--set encoder_from=runs/{stage_spec(stage).source}/best")
         super().check_recipe(stage, recipe)
 
     @classmethod
-    def check_model(cls, stage: str, recipe: dict) -> None:
+    def check_model(cls, stage: str, recipe: Recipe) -> None:
         """Nothing to build yet: ``model`` holds overrides of what the encoder_from checkpoint gives."""
 
     def build(self) -> nn.Module:
         from pneumomap.stages.mapper import Mapper
 
-        source_dir = self.recipe["encoder_from"]
+        source_dir = self.recipe.encoder_from
         source = load_stage(source_dir)
         wanted = stage_spec(self.spec.source)
         if source.kind != wanted.kind or source.side != wanted.side:
             raise RecipeError(f"encoder_from={source_dir}: holds a {source.kind!r} stage"
                              f"{' (' + source.side + ')' if source.side else ''}; "
                              f"{self.stage} decodes the encoder of {self.spec.source}")
-        return Mapper.from_source(source, **self.recipe["model"])
+        return Mapper.from_source(source, **self.recipe.model)
 
     def check_resumed(self, out: Path) -> None:
         """A mapper resumed from OUT/last goes on with the encoder stored there: refuse when it is not the
