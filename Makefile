@@ -28,8 +28,8 @@ test: $(STAMP)
 
 # Mutation testing (issue 19; not part of `make test`): mutmut mutates the modules whose numbers end up in a
 # submission or a score ([tool.mutmut] in pyproject.toml) and runs their fast tests against each mutant, in a
-# fresh mutants/ folder; of stages/classifier.py only the output activations. All of it (3,183 mutants) took
-# 45 minutes on this project's shared 2-core machine; one module: make mutate MUTATE_SELECT='pneumomap.metrics.*'.
+# fresh mutants/ folder; of stages/classifier.py only the output activations. All of it (3,785 mutants) takes
+# 45 minutes on an idle 2-core machine, far longer on a shared one; one module: make mutate MUTATE_SELECT='pneumomap.metrics.*'.
 # The accepted survivors (message-only, equivalent) are listed in benchmarks/mutation_survivors.md.
 MUTATE_SELECT := 'pneumomap.infer.ops.*' 'pneumomap.infer.writers.*' 'pneumomap.metrics.*' \
 	'pneumomap.infer.tune.space.*' 'pneumomap.infer.tune.search.*' \

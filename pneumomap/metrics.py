@@ -8,6 +8,9 @@ Conventions:
 - Reference maps (the organisers' truth: levels 0, 1/3, 2/3, 1) enter the map metrics as uint8 codes
   (`reference_codes`); `map_metric(name)` is the per-image loss score and tune share.
 - Boxes are ``(x, y, width, height)`` rows, x/y the top-left corner in pixels (RSNA layout).
+
+Length (about 470 lines): every metric in one place on purpose, so that train, tune, score and demo
+cannot disagree; each function is small and pure.
 """
 from __future__ import annotations
 

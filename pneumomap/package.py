@@ -31,6 +31,9 @@ Check a package locally before uploading:
       bash /app/ingested_program/entrypoint.sh /app/input_data/ /app/output/ /app/ingested_program
 
 Exit status: 0 ok, 2 unusable pipeline, description, source tree or wheel download.
+
+Length (about 700 lines, over the ~400 the project aims at): it writes both uploads (Docker context and
+program archive) and their description; splitting the description writer out is the next step (issue 18).
 """
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ Map metric (--metric):
 Only ids of the truth set are scored (optionally one split of split.csv); a truth id without a prediction
 is an error that names it. With the midrc layout and every truth id scored, the PNGs of OUT must be exactly one
 per truth image: the organisers' scorer pairs them with its reference maps by sorted file order.
+
+Length (about 440 lines): one concern, scoring a submission, with its command line and plots; the metric
+math itself lives in `pneumomap.metrics`.
 """
 from __future__ import annotations
 

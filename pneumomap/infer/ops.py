@@ -201,8 +201,8 @@ def overestimate(prob_map: np.ndarray | None, level: str = "low", low: dict | No
 def dilate_disk(values: np.ndarray, radius: int) -> np.ndarray:
     """Grey dilation (float32) by skimage's sequence decomposition of a disk, equal to skimage's
     `dilation` (edges reflected at each step): each 3x3 footprint as the maximum of views of the
-    image padded by one edge pixel, the square one row-wise then column-wise. 512 px, radius 12:
-    2.8 ms against skimage's 10.7 (radius 4: 1.3 against 7.9)."""
+    image padded by one edge pixel, the square one row-wise then column-wise (several times faster than
+    skimage's: benchmarks/RESULTS.md, "Figures behind design choices")."""
     from skimage.morphology import disk
 
     current = values.astype(np.float32, copy=True)

@@ -8,6 +8,9 @@ transfer syntax pydicom can decode with its own, pylibjpeg or gdcm plugins is re
 Extended falls back to gdcm directly. Multi-frame: first frame (flagged). Colour: luminance (flagged).
 
 Every failure raises :class:`UnreadableImageError` naming the file and the reason.
+
+Length (about 600 lines): one concern, turning every radiograph encoding into corrected pixels; most of it
+is the DICOM photometric cases, which are easier to check side by side.
 """
 from __future__ import annotations
 
