@@ -215,7 +215,7 @@ def test_a_resumed_run_fills_in_the_probability_files(runs, tmp_path, monkeypatc
     def no_network(*args, **kwargs):
         raise AssertionError("a network ran: the stored outputs should have been reused")
 
-    monkeypatch.setattr(runner._Runner, "compute", no_network)
+    monkeypatch.setattr(runner.PipelineJob, "compute", no_network)
     options = RunOptions(format="midrc", save_probabilities=True, **FAST)
     runner.run(pipeline, runs["images"], out, options)
     done = sorted(p.stem for p in (work / writers.PROBABILITIES).glob("*.npz"))

@@ -453,7 +453,7 @@ def test_an_interrupted_rerun_leaves_no_stale_table(tiny, tmp_path, monkeypatch)
     assert infer(tiny, inputs, tmp_path / "out").returncode == 0
     other = spec.load(tiny["pipeline"])
     other = other.with_thresholds({**other.thresholds, "clip": {"low": 30, "high": 200, "outside": 3}})
-    finish, calls = runner._Runner.finish, []
+    finish, calls = runner.PipelineJob.finish, []
 
     def killed(self, st):
         calls.append(1)
@@ -461,7 +461,7 @@ def test_an_interrupted_rerun_leaves_no_stale_table(tiny, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return finish(self, st)
 
-    monkeypatch.setattr(runner._Runner, "finish", killed)
+    monkeypatch.setattr(runner.PipelineJob, "finish", killed)
     with pytest.raises(KeyboardInterrupt):
         runner.run(other, inputs, tmp_path / "out", runner.RunOptions(format="midrc", workers=0, progress=False))
     assert not (tmp_path / "out" / CSV).exists()

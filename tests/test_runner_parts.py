@@ -13,7 +13,6 @@ from pneumomap.infer.inputs import ModelInputs, prepare
 from pneumomap.infer.models import Executor, node_call
 from pneumomap.infer.runner import RunOptions
 from pneumomap.infer.spec import Node
-from pneumomap.infer.stored import floor_value
 from pneumomap.stages import create_stage, tiny_config
 from pneumomap.stages.mapper import Mapper
 
@@ -132,4 +131,4 @@ def test_mappers_decode_their_sources_features_computed_once_or_again_from_the_s
     for name in maps:
         assert (out / "maps" / name).read_bytes() == (fresh / "maps" / name).read_bytes(), name
     corrupt = next(name for name in maps if "corrupt" in name)
-    assert floor_value(opened) == 7 and np.all(np.asarray(Image.open(out / "maps" / corrupt)) == 7)
+    assert opened.floor == 7 and np.all(np.asarray(Image.open(out / "maps" / corrupt)) == 7)

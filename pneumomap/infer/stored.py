@@ -57,11 +57,6 @@ def postprocess(pipeline: Pipeline, stored: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def floor_value(pipeline: Pipeline) -> int:
-    """The map value where the pipeline finds no lung (and of an unreadable image's whole map): `Pipeline.floor`."""
-    return pipeline.floor
-
-
 def lung_thresholds(pipeline: Pipeline) -> dict[str, float]:
     """Lung node name -> its checkpoint's probability threshold (stored probabilities -> the lung split)."""
     from pneumomap.stages.base import read_config

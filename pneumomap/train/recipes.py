@@ -56,12 +56,11 @@ class RecipeError(ValueError):
     """A recipe file or override that cannot be used; the message says which key and how to fix it."""
 
 
-_closest = did_you_mean  # " (did you mean 'X'?)" or ""
 
 
 def stage_spec(stage: str) -> StageSpec:
     if stage not in STAGES:
-        raise RecipeError(f"unknown stage '{stage}'{_closest(stage, STAGES)}; stages: {', '.join(STAGES)}")
+        raise RecipeError(f"unknown stage '{stage}'{did_you_mean(stage, STAGES)}; stages: {', '.join(STAGES)}")
     return STAGES[stage]
 
 
@@ -92,7 +91,7 @@ def recipe_path(stage: str, recipe: str) -> Path:
     if named.is_file():
         return named
     names = sorted(p.name for p in RECIPE_DIR.iterdir() if p.is_dir())
-    raise RecipeError(f"--recipe {recipe}: no such file, and not a recipe name{_closest(recipe, names)}; "
+    raise RecipeError(f"--recipe {recipe}: no such file, and not a recipe name{did_you_mean(recipe, names)}; "
                       f"names: {', '.join(names)}")
 
 
@@ -101,7 +100,7 @@ def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in base and not prefix.startswith("model."):  # model keys: checked by the stage config
-            raise RecipeError(f"{where}: unknown recipe key '{dotted}'{_closest(dotted, _keys(base, prefix))}")
+            raise RecipeError(f"{where}: unknown recipe key '{dotted}'{did_you_mean(dotted, _keys(base, prefix))}")
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value, where, f"{dotted}.")
         else:
@@ -184,7 +183,7 @@ def check_model_keys(stage: str, recipe: "Recipe") -> None:
     fields = [f.name for f in dataclasses.fields(stage_class(spec.kind).config_class)]
     for key in recipe.model:
         if key not in fields:
-            raise RecipeError(f"unknown recipe key 'model.{key}'{_closest(f'model.{key}', [f'model.{f}' for f in fields])}; "
+            raise RecipeError(f"unknown recipe key 'model.{key}'{did_you_mean(f'model.{key}', [f'model.{f}' for f in fields])}; "
                               f"the {spec.kind} config's keys: {', '.join(fields)}")
 
 
@@ -256,7 +255,7 @@ class Recipe:
         keys = cls.keys_of(stage)
         for key in data:
             if key not in keys:
-                raise RecipeError(f"{where}: unknown recipe key '{key}'{_closest(key, keys)}")
+                raise RecipeError(f"{where}: unknown recipe key '{key}'{did_you_mean(key, keys)}")
         return cls(stage, **data)
 
     def replace(self, **changes) -> "Recipe":
